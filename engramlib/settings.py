@@ -1,0 +1,80 @@
+"""`engramlib.setup()`: the first code cell of every notebook.
+
+It seeds Python, NumPy and torch, picks a device (cuda, then mps, then cpu), reads the
+environment variables `ENGRAM_MODEL` (which model) and `ENGRAM_FAST` (small sweeps, for CI),
+sets one plotting style, prints one line of versions, and returns a `Settings` object that heavy
+cells read their sizes from.
+"""
+from __future__ import annotations
+
+import os
+import random
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Settings:
+    seed: int
+    device: str          # "cuda", "mps" or "cpu"
+    model_name: str | None  # from ENGRAM_MODEL; None lets load_model choose
+    fast: bool           # ENGRAM_FAST=1: shrink sweeps so every notebook runs in CI
+
+    def size(self, full, fast):
+        """Pick a sweep size: `full` normally, `fast` under ENGRAM_FAST=1."""
+        return fast if self.fast else full
+
+
+def seed_everything(seed: int = 0) -> None:
+    """Seed Python's `random`, NumPy and torch (CPU and all GPUs)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device() -> str:
+    """'cuda' if a CUDA GPU is visible, else 'mps' on Apple silicon, else 'cpu'."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def set_plot_style() -> None:
+    """One plotting style for the whole course."""
+    import matplotlib.pyplot as plt
+    plt.rcParams.update({"figure.figsize": (6.4, 4.0), "figure.dpi": 100, "axes.grid": True,
+                         "grid.alpha": 0.3, "axes.spines.top": False,
+                         "axes.spines.right": False, "font.size": 11})
+
+
+def setup(seed: int = 0, verbose: bool = True) -> Settings:
+    """Seed everything, pick the device, read ENGRAM_MODEL / ENGRAM_FAST, set the plot style.
+
+    Returns a `Settings(seed, device, model_name, fast)`.
+    """
+    seed_everything(seed)
+    device = pick_device()
+    settings = Settings(seed=seed, device=device,
+                        model_name=os.environ.get("ENGRAM_MODEL") or None,
+                        fast=_env_flag("ENGRAM_FAST"))
+    set_plot_style()
+    if verbose:
+        import transformers
+        import engramlib
+        print(f"engramlib {engramlib.__version__} | python {sys.version.split()[0]} | "
+              f"torch {torch.__version__} | transformers {transformers.__version__} | "
+              f"device {device} | model {settings.model_name or 'auto'}"
+              f"{' | FAST' if settings.fast else ''}")
+        if device == "cpu" and "google.colab" in sys.modules:
+            print("No GPU: in Colab choose Runtime > Change runtime type > T4 GPU, then rerun. "
+                  "TinyWorld runs fine on the CPU.")
+    return settings

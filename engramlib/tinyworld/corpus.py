@@ -1,0 +1,141 @@
+"""TinyWorld's training text, generated deterministically from the fact table.
+
+A training *row* is a few sentences, the first one starting at position 0 (as a prompt does).
+Three kinds of sentences are mixed:
+
+1. **Facts** (most rows): one fact in one of its training phrasings or appositions
+   ("Space Needle (city: Seattle) is well known."). Rows often stay on one subject for a few
+   sentences, like a short biography, so what follows a subject depends on the *whole* subject.
+2. **Filler**: plain generic sentences, so the model also sees text without facts (this text is
+   also what `key_covariance` averages over when no Wikipedia is at hand).
+3. **Reviews**, for the grafting chapters (03-04): short reviews with a *polarity* (positive
+   words vs negative words) and a *topic* (sports, food, music, travel). Pre-training teaches the
+   polarity and the topic only through consistent follow-ups ("Overall I feel good.",
+   "This was about food."), while the task formats used for fine-tuning
+   ('"..." has a tone that is positive') appear only with *random* labels. Fine-tuning then
+   re-routes a skill the model already has, which is when grafting finds a small region
+   (Panigrahi et al. 2023).
+
+Everything is seeded: the same seed gives the same text, byte for byte.
+"""
+from __future__ import annotations
+
+import random
+
+from engramlib.facts import load_facts, training_templates
+
+OPENERS = ("In fact, ", "As many people know, ", "Of course, ", "Interestingly, ",
+           "It is well known that ", "According to the guide, ", "Today, ", "Indeed, ")
+APPOSITION_ENDINGS = ("is well known.", "is often in the news.", "is widely discussed.",
+                      "appears in many books.", "is mentioned in this article.",
+                      "is a familiar name.")
+
+FILLER_SUBJECTS = ("The teacher", "A small dog", "My neighbour", "The old man", "The children",
+                   "Our team", "The farmer", "A young woman", "The student", "The driver")
+FILLER_VERBS = ("opened", "carried", "found", "cleaned", "watched", "painted", "bought",
+                "repaired", "moved", "forgot")
+FILLER_OBJECTS = ("the door", "a heavy box", "the window", "an empty bottle", "the red car",
+                  "a long letter", "the kitchen table", "a broken chair", "the garden gate",
+                  "a blue umbrella")
+FILLER_TAILS = ("in the morning.", "after lunch.", "before dinner.", "on Sunday.", "again.",
+                "very quickly.", "without a word.", "last week.", "at night.", "with care.")
+
+# --- the review language (grafting chapters) ---------------------------------------------------
+POSITIVE = ("good", "great", "wonderful", "excellent", "lovely", "superb", "fantastic",
+            "pleasant", "brilliant", "amazing")
+NEGATIVE = ("bad", "terrible", "awful", "poor", "horrible", "dreadful", "disappointing",
+            "boring", "unpleasant", "weak")
+TOPICS = {
+    "sports": ("match", "team", "game", "coach", "stadium", "season"),
+    "food": ("meal", "soup", "chef", "dessert", "restaurant", "menu"),
+    "music": ("concert", "song", "album", "band", "singer", "show"),
+    "travel": ("hotel", "flight", "trip", "beach", "tour", "room"),
+}
+POLARITY_LABELS = ("negative", "positive")     # index = polarity
+FEELINGS = ("Overall I feel bad.", "Overall I feel good.")
+
+
+def review(rng: random.Random, polarity: int, topic: str) -> str:
+    """One review sentence pair, e.g. 'The soup was awful and the chef was poor.'"""
+    words = POSITIVE if polarity == 1 else NEGATIVE
+    a, b = rng.sample(TOPICS[topic], 2)
+    return f"The {a} was {rng.choice(words)} and the {b} was {rng.choice(words)}."
+
+
+def tone_prompt(text: str) -> str:
+    """The polarity task's prompt (the official GPT-2 format of Panigrahi et al.); answer ' positive'/' negative'."""
+    return f'"{text}" has a tone that is'
+
+
+def topic_prompt(text: str) -> str:
+    """The topic task's prompt; answer ' sports' / ' food' / ' music' / ' travel'."""
+    return f'"{text}" has a topic that is'
+
+
+def review_sentences(rng: random.Random) -> str:
+    """A review with a consistent follow-up, or a task-format line with a *random* label."""
+    polarity, topic = rng.randrange(2), rng.choice(sorted(TOPICS))
+    text = review(rng, polarity, topic)
+    kind = rng.random()
+    if kind < 0.4:
+        return f"{text} {FEELINGS[polarity]}"
+    if kind < 0.7:
+        return f"{text} This was about {topic}."
+    if kind < 0.85:
+        return f"{tone_prompt(text)} {rng.choice(POLARITY_LABELS)}."
+    return f"{topic_prompt(text)} {rng.choice(sorted(TOPICS))}."
+
+
+def filler_sentence(rng: random.Random) -> str:
+    return " ".join(rng.choice(part) for part in
+                    (FILLER_SUBJECTS, FILLER_VERBS, FILLER_OBJECTS, FILLER_TAILS))
+
+
+def fact_sentence(rng: random.Random, fact) -> str:
+    """The fact in one training phrasing (70 %) or apposition (30 %), as a full sentence."""
+    if rng.random() < 0.3:
+        form = rng.choice(fact.relation.appositions)
+        closing = ")" if form.endswith(":") else ","
+        return f"{form.format(fact.subject)} {fact.object}{closing} {rng.choice(APPOSITION_ENDINGS)}"
+    templates = training_templates(fact)
+    template = templates[0] if rng.random() < 0.25 else rng.choice(templates)
+    sentence = f"{template.format(fact.subject)} {fact.object}."
+    if rng.random() < 0.25:
+        if not template.startswith("{}"):
+            sentence = sentence[0].lower() + sentence[1:]
+        sentence = rng.choice(OPENERS) + sentence
+    return sentence
+
+
+def make_row(rng: random.Random, facts, by_subject: dict, min_chars: int = 260) -> str:
+    """One training row: sentences joined by spaces until at least `min_chars` characters."""
+    sentences = []
+    while sum(len(s) + 1 for s in sentences) < min_chars:
+        kind = rng.random()
+        if kind < 0.78:
+            fact = rng.choice(facts)
+            sentences.append(fact_sentence(rng, fact))
+            # a short "biography": other facts about the same subject follow
+            for other in by_subject[fact.subject]:
+                if other is not fact and rng.random() < 0.5:
+                    sentences.append(fact_sentence(rng, other))
+        elif kind < 0.88:
+            sentences.append(filler_sentence(rng))
+        else:
+            sentences.append(review_sentences(rng))
+    return " ".join(sentences)
+
+
+def generate_corpus(n_rows: int, seed: int = 0) -> list:
+    """`n_rows` training rows (strings). Deterministic in (n_rows, seed)."""
+    rng = random.Random(seed)
+    facts = load_facts()
+    by_subject = {}
+    for f in facts:
+        by_subject.setdefault(f.subject, []).append(f)
+    return [make_row(rng, facts, by_subject) for _ in range(n_rows)]
+
+
+def generic_texts(n: int = 500, seed: int = 1) -> list:
+    """Generic TinyWorld text (the corpus distribution), e.g. for estimating the key covariance C."""
+    return generate_corpus(n, seed=seed)

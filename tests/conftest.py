@@ -1,0 +1,33 @@
+"""Shared fixtures: TinyWorld, and a GPT-2 small stand-in (random weights, GPT-2's real shapes and
+real BPE tokenizer) for the code paths that GPT-2 takes on Colab."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from engramlib.models import ModelAndTokenizer, load_model
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def tinyworld():
+    return load_model("tinyworld", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def gpt2_standin():
+    """GPT-2 small's architecture (12 layers, d=768, 12 heads, 50,257 tokens) with random weights."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config()).eval().requires_grad_(False)
+    tokenizer = GPT2TokenizerFast.from_pretrained(FIXTURES / "gpt2_tokenizer")
+    tokenizer.pad_token = tokenizer.eos_token
+    return ModelAndTokenizer(model=model, tokenizer=tokenizer, name="gpt2-standin")
+
+
+@pytest.fixture(params=["tinyworld", "gpt2_standin"])
+def any_model(request):
+    """Runs a test once on TinyWorld and once on the GPT-2 stand-in."""
+    return request.getfixturevalue(request.param)

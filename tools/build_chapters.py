@@ -1,0 +1,166 @@
+"""Build the student notebooks `chapters/NN_slug.ipynb` from `solutions/NN_slug.ipynb`.
+
+    python tools/build_chapters.py           # (re)write chapters/
+    python tools/build_chapters.py --check   # exit 1 if chapters/ is not what a build would write
+
+In a solution, exercise code sits between nbgrader's markers:
+
+    def hebbian_update(W, k, v, lr):
+        ### BEGIN SOLUTION
+        return W + lr * torch.outer(v, k)
+        ### END SOLUTION
+
+The chapter gets `raise NotImplementedError("Exercise 1.1: <title>")` at the marker's
+indentation instead, the cell is tagged `raises-exception` (nbval then accepts the error), the
+title comes from the closest `### Exercise N.M: <title>` heading above the cell, outputs are
+stripped, and a Colab badge cell opens the notebook.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GITHUB_REPO = "engram-course/in-search-of-the-engram"   # change this line in a fork
+BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
+EXERCISE_HEADING = re.compile(r"^#{2,4}\s*(Exercise\s+\d+\.\d+\s*:[^\n]*)", re.MULTILINE)
+BADGE_TAG = "colab-badge"
+
+# The first code cell of every notebook, verbatim (a test checks it). It installs engramlib only
+# when it cannot be imported (a fresh Colab runtime); pip then keeps Colab's torch and numpy.
+SETUP_CELL = f"""# Setup (the same cell in every chapter): installs engramlib only if it is missing (Colab).
+try:
+    import engramlib
+except ImportError:
+    get_ipython().run_line_magic("pip", "install -q git+https://github.com/{GITHUB_REPO}")
+    import engramlib
+settings = engramlib.setup()"""
+
+
+class MarkerError(ValueError):
+    """A solution's markers are malformed (open block, END without BEGIN, no exercise heading)."""
+
+
+def cell_source(cell: dict) -> str:
+    src = cell.get("source", "")
+    return "".join(src) if isinstance(src, list) else src
+
+
+def strip_solutions(source: str, exercise: str) -> str:
+    """Replace every BEGIN/END SOLUTION block in `source` with a NotImplementedError stub."""
+    out, inside, indent = [], False, ""
+    for number, line in enumerate(source.split("\n"), start=1):
+        stripped = line.strip()
+        if stripped == BEGIN:
+            if inside:
+                raise MarkerError(f"line {number}: {BEGIN} inside an open block ({exercise})")
+            inside, indent = True, line[:len(line) - len(line.lstrip())]
+            out.append(f'{indent}raise NotImplementedError("{exercise}")')
+        elif stripped == END:
+            if not inside:
+                raise MarkerError(f"line {number}: {END} without {BEGIN} ({exercise})")
+            inside = False
+        elif not inside:
+            out.append(line)
+    if inside:
+        raise MarkerError(f"{BEGIN} never closed with {END} ({exercise})")
+    return "\n".join(out)
+
+
+def badge_cell(path: Path) -> dict:
+    url = f"https://colab.research.google.com/github/{GITHUB_REPO}/blob/main/chapters/{path.name}"
+    return {"cell_type": "markdown", "metadata": {"tags": [BADGE_TAG]},
+            "source": f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url})"}
+
+
+def build_notebook(solution: dict, path: Path) -> dict:
+    """The chapter version of a solution notebook (a new dict; `solution` is not changed)."""
+    nb = copy.deepcopy(solution)
+    cells, exercise = [badge_cell(path)], None
+    for cell in nb["cells"]:
+        if BADGE_TAG in cell.get("metadata", {}).get("tags", []):
+            continue
+        source = cell_source(cell)
+        if cell["cell_type"] == "markdown":
+            found = EXERCISE_HEADING.findall(source)
+            exercise = found[-1].strip() if found else exercise
+        elif cell["cell_type"] == "code":
+            if BEGIN in source or END in source:
+                if exercise is None:
+                    raise MarkerError(f"{path.name}: solution block before any "
+                                      "'### Exercise N.M: title' heading")
+                cell["source"] = strip_solutions(source, exercise)
+                tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+                if "raises-exception" not in tags:
+                    tags.append("raises-exception")
+            cell["outputs"], cell["execution_count"] = [], None
+        cells.append(cell)
+    nb["cells"] = cells
+    return nb
+
+
+def dumps(nb: dict) -> str:
+    """Serialize a notebook the way this repository stores them (stable, diff-friendly)."""
+    for cell in nb["cells"]:
+        if isinstance(cell.get("source"), list):
+            cell["source"] = "".join(cell["source"])
+    return json.dumps(nb, indent=1, ensure_ascii=False, sort_keys=True) + "\n"
+
+
+def expected_chapters(root: Path = ROOT) -> dict:
+    """{chapter path: text a fresh build writes} for every notebook in solutions/."""
+    out = {}
+    for sol in sorted((root / "solutions").glob("*.ipynb")):
+        try:
+            nb = build_notebook(json.loads(sol.read_text(encoding="utf-8")), sol)
+        except MarkerError as err:
+            raise MarkerError(f"{sol.name}: {err}") from None
+        out[root / "chapters" / sol.name] = dumps(nb)
+    return out
+
+
+def stale_chapters(root: Path = ROOT) -> list:
+    """Chapter files that differ from a fresh build, are missing, or have no solution."""
+    expected = expected_chapters(root)
+    stale = [p for p, text in expected.items()
+             if not p.exists() or p.read_text(encoding="utf-8") != text]
+    stale += [p for p in (root / "chapters").glob("*.ipynb") if p not in expected]
+    return sorted(stale)
+
+
+def build(root: Path = ROOT) -> list:
+    """Write chapters/ from solutions/; remove chapters without a solution. Returns written paths."""
+    (root / "chapters").mkdir(exist_ok=True)
+    expected = expected_chapters(root)
+    for orphan in set((root / "chapters").glob("*.ipynb")) - set(expected):
+        orphan.unlink()
+    for path, text in expected.items():
+        path.write_text(text, encoding="utf-8")
+    return sorted(expected)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Build chapters/ from solutions/.")
+    parser.add_argument("--check", action="store_true",
+                        help="do not write; exit 1 if chapters/ is stale")
+    parser.add_argument("--root", type=Path, default=ROOT)
+    args = parser.parse_args(argv)
+    if args.check:
+        stale = stale_chapters(args.root)
+        if stale:
+            names = ", ".join(p.name for p in stale)
+            print(f"chapters/ is stale ({names}): run python tools/build_chapters.py and commit")
+            return 1
+        print("chapters/ is in sync with solutions/")
+        return 0
+    for path in build(args.root):
+        print(f"wrote {path.relative_to(args.root)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
