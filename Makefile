@@ -26,7 +26,7 @@ endif
 	touch $(STAMP)
 
 lab: setup
-	$(PY) -m jupyterlab chapters/ $(LAB_ARGS)
+	$(PY) -m jupyterlab chapters/ $(if $(filter 0,$(shell id -u)),--allow-root,) $(LAB_ARGS)
 
 test: setup
 	$(PY) -m pytest

@@ -1,7 +1,8 @@
 """The `engram` command.
 
     engram --version
-    engram info          versions, device, and which models load without internet
+    engram info                                         versions, device, offline models
+    engram trace "PROMPT" --subject S [--model M] [--out trace.png] [--samples N]
 """
 from __future__ import annotations
 
@@ -44,12 +45,43 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_trace(args) -> int:
+    import matplotlib
+    matplotlib.use("Agg")
+    from engramlib.models import load_model
+    from engramlib.plots import plot_trace_kinds
+    from engramlib.tracing import trace
+
+    mt = load_model(args.model)
+    results = [trace(mt, args.prompt, args.subject, kind=kind, samples=args.samples,
+                     answer=args.answer, progress=True) for kind in (None, "mlp", "attn")]
+    r = results[0]
+    print(f"{mt.name}: {args.prompt!r} -> {r.answer!r}  clean p = {r.high_score:.3f}, "
+          f"subject corrupted p = {r.low_score:.3f}")
+    for res in results:
+        t, l = divmod(int(res.scores.argmax()), res.scores.shape[1])
+        print(f"  strongest {res.kind or 'hidden'} restoration: token {res.tokens[t]!r} "
+              f"(#{t}), layer {l}: p = {res.scores[t, l]:.3f}")
+    fig = plot_trace_kinds(results, suptitle=f"{mt.name}: {args.prompt} -> {r.answer.strip()}")
+    fig.savefig(args.out, dpi=120, bbox_inches="tight")
+    print(f"figure saved to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     import engramlib
     parser = argparse.ArgumentParser(prog="engram", description="In Search of the Engram: tools.")
     parser.add_argument("--version", action="version", version=f"engramlib {engramlib.__version__}")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("info", help="versions, device, models available offline").set_defaults(func=cmd_info)
+    tr = sub.add_parser("trace", help="causal trace of one prompt (Meng et al. 2022)")
+    tr.add_argument("prompt", help='the prompt, e.g. "The Space Needle is located in the city of"')
+    tr.add_argument("--subject", required=True, help="the subject inside the prompt")
+    tr.add_argument("--model", default=None, help="tinyworld, gpt2, ..., gpt2-xl (default: auto)")
+    tr.add_argument("--answer", default=None, help="score this answer (default: the top prediction)")
+    tr.add_argument("--samples", type=int, default=10, help="noisy copies of the subject")
+    tr.add_argument("--out", default="trace.png", help="where to save the figure")
+    tr.set_defaults(func=cmd_trace)
     return parser
 
 

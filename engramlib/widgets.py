@@ -40,3 +40,54 @@ def capacity_explorer(d: int = 64, n: int = 64, noise: float = 0.0):
     w.interactive_output(update, {"d": d_slider, "n": n_slider, "noise": noise_slider})
     widget.update = update
     return widget
+
+
+def edit_explorer(mt, prompt: str = "{} is located in the city of", subject: str = "Eiffel Tower",
+                  target: str = "Rome", generation_prompts=None):
+    """Text boxes for a ROME request and buttons to apply / undo it; shows p(target) before and
+    after and a few generations. Returns a `VBox` with `.apply(prompt, subject, target)` and
+    `.undo()` methods (what the buttons call), usable headless."""
+    import ipywidgets as w
+
+    from engramlib.models import generate
+    from engramlib.rome import apply_rome_edit
+
+    boxes = {"prompt": w.Text(value=prompt, description="prompt"),
+             "subject": w.Text(value=subject, description="subject"),
+             "target": w.Text(value=target, description="new object")}
+    apply_button, undo_button = w.Button(description="Edit"), w.Button(description="Undo")
+    out = w.Output()
+    state = {"edit": None}
+
+    def show(lines):
+        out.clear_output(wait=True)
+        with out:
+            print("\n".join(lines))
+
+    def undo():
+        if state["edit"] is not None:
+            state["edit"].undo()
+            state["edit"] = None
+            show(["undone: the original weights are back"])
+
+    def apply(prompt, subject, target):
+        undo()
+        request = {"prompt": prompt, "subject": subject, "target_new": {"str": target}}
+        try:
+            edit = apply_rome_edit(mt, request)
+        except (ValueError, RuntimeError) as err:
+            show([f"cannot edit: {err}"])
+            return None
+        state["edit"] = edit
+        prompts = generation_prompts or [prompt.format(subject), f"{subject} is"]
+        lines = [f"p({target}) on {prompt.format(subject)!r}: {edit.prob_before:.3f} -> {edit.prob_after:.3f}"]
+        lines += [f"  {generate(mt, p, max_new_tokens=15)!r}" for p in prompts]
+        show(lines)
+        return edit
+
+    apply_button.on_click(lambda _: apply(boxes["prompt"].value, boxes["subject"].value,
+                                          boxes["target"].value))
+    undo_button.on_click(lambda _: undo())
+    widget = w.VBox(list(boxes.values()) + [w.HBox([apply_button, undo_button]), out])
+    widget.apply, widget.undo = apply, undo
+    return widget

@@ -13,3 +13,15 @@ def test_capacity_explorer_builds_and_updates():
     ns = sorted(acc)
     assert acc[ns[0]] == 1.0 and acc[ns[-1]] < acc[ns[0]]       # more memories, worse recall
     assert widget.update(32, 32, 1.5)[ns[-1]] <= acc[ns[-1]]      # noise never helps
+
+
+def test_edit_explorer_applies_and_undoes(tinyworld):
+    import torch
+    from engramlib.widgets import edit_explorer
+    before = {k: v.clone() for k, v in tinyworld.model.state_dict().items()}
+    widget = edit_explorer(tinyworld)
+    edit = widget.apply("{} is located in the city of", "Space Needle", "Paris")
+    assert edit is not None and edit.prob_after > edit.prob_before
+    widget.undo()
+    assert all(torch.equal(v, before[k]) for k, v in tinyworld.model.state_dict().items())
+    assert widget.apply("{} is located in", "Space Noodle", "Paris") is None     # bad request: message

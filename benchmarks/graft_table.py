@@ -1,0 +1,78 @@
+"""Grafting on TinyWorld: the tables of the grafting issue, measured in one run.
+
+    python benchmarks/graft_table.py [--steps 300] [--mask-steps 100] [--threads 1]
+
+Prints: pretrained and fine-tuned accuracy on the polarity task; grafted accuracy at 0.01 %, 0.1 %
+and 1 % of the graftable parameters for the optimised, top-movement and random masks; the lesion
+test (remove the optimised region vs a random region of the same size from the fine-tuned model);
+and continual learning (polarity then topic, sequential vs forget-free).
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engramlib import graft as G  # noqa: E402
+from engramlib.models import load_model  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--mask-steps", type=int, default=100)
+    parser.add_argument("--mask-lr", type=float, default=1e8)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--skip-continual", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start = time.time()
+    mt = load_model("tinyworld", device="cpu")
+    task = G.make_task("polarity")
+    pre = G.get_state(mt)
+    acc_pre = G.task_accuracy(mt, task)
+    ft = G.finetune(mt, task, steps=args.steps, progress=False)
+    acc_ft = G.task_accuracy(mt, task)
+    G.load_state(mt, pre)
+    total = G.n_params(pre)
+    print(f"polarity task: pretrained {acc_pre:.1%}, fine-tuned {acc_ft:.1%} "
+          f"({args.steps} SGD steps); graftable parameters {total:,}")
+
+    def acc(state):
+        return G.task_accuracy(mt, task, params=G._full_params(mt, state))
+
+    gain = acc_ft - acc_pre
+    print(f"{'sparsity':>9}{'params':>9}{'optimised':>11}{'top-move':>10}{'random':>9}   (test accuracy; "
+          f"share of the fine-tuning gain for 'optimised')")
+    masks = {}
+    for sparsity in (1e-4, 1e-3, 1e-2):
+        k = int(round(sparsity * total))
+        opt = G.optimize_mask(mt, pre, ft, task, sparsity, steps=args.mask_steps, lr=args.mask_lr,
+                              progress=False)["mask"]
+        masks[sparsity] = opt
+        a_opt = acc(G.graft(pre, ft, opt))
+        a_top = acc(G.graft(pre, ft, G.top_movement_mask(pre, ft, k)))
+        a_rand = acc(G.graft(pre, ft, G.random_mask(pre, k)))
+        print(f"{100 * sparsity:>8.2f}%{G.mask_size(opt):>9}{a_opt:>11.1%}{a_top:>10.1%}{a_rand:>9.1%}"
+              f"   ({(a_opt - acc_pre) / gain:.0%} of the gain)")
+    opt = masks[1e-2]
+    k = G.mask_size(opt)
+    lesioned = acc(G.lesion(ft, opt, to="pre", pre=pre))
+    random_lesion = acc(G.lesion(ft, G.random_mask(pre, k, seed=1), to="pre", pre=pre))
+    print(f"lesion of the fine-tuned model ({k} params reset to pretrained): optimised region -> "
+          f"{lesioned:.1%} (cost {acc_ft - lesioned:.1%}), random region -> {random_lesion:.1%} "
+          f"(cost {acc_ft - random_lesion:.1%}); ratio {(acc_ft - lesioned) / max(1e-9, acc_ft - random_lesion):.1f}x")
+    print(f"lottery ticket (θ_ft on the region, 0 elsewhere): {acc(G.lottery_ticket(ft, opt)):.1%}")
+    if not args.skip_continual:
+        out = G.continual_learning(mt, task, G.make_task("topic"), ft_steps=args.steps,
+                                   mask_steps=args.mask_steps, mask_lr=args.mask_lr, progress=False)
+        for key in ("after_A", "sequential", "grafted_A", "forget_free"):
+            print(f"continual {key:<12} polarity {out[key]['A']:.1%}  topic {out[key]['B']:.1%}")
+        print(f"region A: {out['mask_A_size']} params, untouched by B: {out['region_A_untouched']}")
+    print(f"total time {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

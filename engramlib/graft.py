@@ -1,0 +1,304 @@
+"""Skill grafting (Panigrahi et al. 2023): which few weights carry a fine-tuned skill?
+
+Fine-tune a pretrained model θ_pre on a task to get θ_ft. A *graft* with a binary mask γ takes
+the fine-tuned value where γ = 1 and the pretrained value elsewhere:
+    θ(γ) = γ ⊙ θ_ft + (1 − γ) ⊙ θ_pre.
+If a tiny γ recovers the fine-tuned accuracy, that region is where the skill lives.
+
+Tasks are classification with label *words* (the paper's GPT-2 format):
+    '"The soup was awful and the chef was poor." has a tone that is' -> " negative" / " positive"
+The loss is the cross-entropy over the label words' first tokens at the last position.
+
+Everything here works on a dict of parameter tensors ("state") for the graftable set: every
+`transformer.h.*` tensor (embeddings, final layer norm and the tied head stay frozen, as in the
+official code).
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from engramlib.models import ModelAndTokenizer
+
+# --- tasks --------------------------------------------------------------------------------------
+
+
+def make_task(name: str, n_train: int = 512, n_test: int = 256, seed: int = 0) -> dict:
+    """A generated task from TinyWorld's review language (engramlib.tinyworld.corpus).
+
+    name: "polarity" (positive / negative) or "topic" (sports / food / music / travel).
+    Returns {"name", "label_words", "train": [(prompt, label)], "test": [(prompt, label)]}."""
+    from engramlib.tinyworld.corpus import POLARITY_LABELS, TOPICS, review, tone_prompt, topic_prompt
+    if name not in ("polarity", "topic"):
+        raise ValueError(f"unknown task {name!r}: use 'polarity' or 'topic'")
+    rng = random.Random(seed + (0 if name == "polarity" else 1000))
+    topics = sorted(TOPICS)
+    labels = list(POLARITY_LABELS) if name == "polarity" else topics
+    seen, examples = set(), []
+    while len(examples) < n_train + n_test:
+        polarity, topic = rng.randrange(2), rng.choice(topics)
+        text = review(rng, polarity, topic)
+        if text in seen:
+            continue
+        seen.add(text)
+        if name == "polarity":
+            examples.append((tone_prompt(text), polarity))
+        else:
+            examples.append((topic_prompt(text), topics.index(topic)))
+    return {"name": name, "label_words": labels, "train": examples[:n_train],
+            "test": examples[n_train:]}
+
+
+def label_token_ids(mt: ModelAndTokenizer, label_words) -> torch.Tensor:
+    """First token of ' ' + word for each label word: [n_labels]."""
+    ids = [mt.tokenizer(" " + w)["input_ids"][0] for w in label_words]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"label words {label_words} share a first token")
+    return torch.tensor(ids, device=mt.device)
+
+
+def _batch(mt, examples):
+    mt.tokenizer.padding_side = "right"
+    enc = mt.tokenizer([p for p, _ in examples], return_tensors="pt", padding=True).to(mt.device)
+    labels = torch.tensor([y for _, y in examples], device=mt.device)
+    return enc, labels
+
+
+def label_logits(mt, enc, label_ids, params=None) -> torch.Tensor:
+    """Logits of the label words at each prompt's last token: [batch, n_labels]. With `params`
+    (name -> tensor), the model runs with those parameters instead of its own."""
+    inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    out = functional_call(mt.model, params, args=(), kwargs=inputs) if params else mt.model(**inputs)
+    last = enc["attention_mask"].sum(1) - 1
+    return out.logits[torch.arange(len(last)), last][:, label_ids].float()
+
+
+@torch.no_grad()
+def task_accuracy(mt: ModelAndTokenizer, task: dict, split: str = "test", params=None,
+                  batch_size: int = 128) -> float:
+    """Accuracy of the model (or of `params` over it) on a task split."""
+    label_ids = label_token_ids(mt, task["label_words"])
+    data, hits = task[split], 0
+    for i in range(0, len(data), batch_size):
+        enc, labels = _batch(mt, data[i:i + batch_size])
+        hits += (label_logits(mt, enc, label_ids, params).argmax(-1) == labels).sum().item()
+    return hits / len(data)
+
+
+# --- states -------------------------------------------------------------------------------------
+
+
+def graftable_names(mt: ModelAndTokenizer) -> list:
+    """The parameters fine-tuning may change: every tensor of the transformer blocks."""
+    prefix = mt.spec.layer.split("{}")[0]
+    return [n for n, _ in mt.model.named_parameters() if n.startswith(prefix)]
+
+
+def get_state(mt: ModelAndTokenizer) -> dict:
+    """A copy of the graftable parameters {name: tensor}."""
+    params = dict(mt.model.named_parameters())
+    return {n: params[n].detach().clone() for n in graftable_names(mt)}
+
+
+def load_state(mt: ModelAndTokenizer, state: dict) -> None:
+    """Write a state into the model (in place)."""
+    params = dict(mt.model.named_parameters())
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
+
+
+def n_params(state: dict) -> int:
+    return sum(t.numel() for t in state.values())
+
+
+# --- fine-tuning ----------------------------------------------------------------------------------
+
+
+def finetune(mt: ModelAndTokenizer, task: dict, steps: int = 300, lr: float = 0.05,
+             batch_size: int = 32, seed: int = 0, frozen: dict | None = None,
+             progress: bool = True) -> dict:
+    """Prompt-based fine-tuning with plain SGD on the graftable parameters (official setting:
+    SGD localises, AdamW needs an ℓ1 penalty). Changes the model in place and returns its new
+    state. frozen: {name: bool mask} of entries that must not move (continual learning)."""
+    names = graftable_names(mt)
+    params = dict(mt.model.named_parameters())
+    for n, p in mt.model.named_parameters():
+        p.requires_grad_(n in names)
+    opt = torch.optim.SGD([params[n] for n in names], lr=lr)
+    label_ids = label_token_ids(mt, task["label_words"])
+    rng = random.Random(seed)
+    mt.model.train()
+    try:
+        for _ in tqdm(range(steps), desc=f"fine-tuning on {task['name']}", disable=not progress):
+            enc, labels = _batch(mt, rng.sample(task["train"], batch_size))
+            loss = torch.nn.functional.cross_entropy(label_logits(mt, enc, label_ids), labels)
+            opt.zero_grad()
+            loss.backward()
+            if frozen:
+                for n, keep in frozen.items():
+                    params[n].grad[keep] = 0.0
+            opt.step()
+    finally:
+        mt.model.eval()
+        mt.model.requires_grad_(False)
+    return get_state(mt)
+
+
+# --- grafting and masks ---------------------------------------------------------------------------
+
+
+def graft(pre: dict, ft: dict, mask: dict) -> dict:
+    """θ = γ ⊙ θ_ft + (1 − γ) ⊙ θ_pre for every tensor (mask values in [0, 1])."""
+    return {n: mask[n] * ft[n] + (1 - mask[n]) * pre[n] for n in pre}
+
+
+def mask_size(mask: dict) -> int:
+    """Number of grafted entries, ‖γ‖₀ (entries > 0.5)."""
+    return int(sum((m > 0.5).sum().item() for m in mask.values()))
+
+
+def top_movement_mask(pre: dict, ft: dict, k: int) -> dict:
+    """γ = 1 on the k entries that moved most, |θ_ft − θ_pre|, ranked over all tensors together."""
+    if k < 1:
+        raise ValueError(f"a mask needs at least one parameter, got k = {k} (sparsity too small?)")
+    moves = torch.cat([(ft[n] - pre[n]).abs().flatten() for n in pre])
+    threshold = moves.topk(k).values[-1]
+    return {n: ((ft[n] - pre[n]).abs() >= threshold).float() for n in pre}
+
+
+def random_mask(pre: dict, k: int, seed: int = 0) -> dict:
+    """γ = 1 on k entries chosen uniformly at random (same size as a control)."""
+    sizes = [t.numel() for t in pre.values()]
+    gen = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(sum(sizes), generator=gen)[:k]
+    flat = torch.zeros(sum(sizes))
+    flat[chosen] = 1.0
+    out, i = {}, 0
+    for (n, t), size in zip(pre.items(), sizes):
+        out[n] = flat[i:i + size].view_as(t).to(t.device)
+        i += size
+    return out
+
+
+def _full_params(mt, state):
+    """Model parameters with `state` substituted (for functional_call)."""
+    return {**{n: p for n, p in mt.model.named_parameters()}, **state}
+
+
+def optimize_mask(mt: ModelAndTokenizer, pre: dict, ft: dict, task: dict, sparsity: float,
+                  steps: int = 100, lr: float = 1e7, b: float = 10.0, batch_size: int = 32,
+                  seed: int = 0, progress: bool = True) -> dict:
+    """The official mask optimisation (Panigrahi et al., Skill-Localization-by-grafting).
+
+    Base patch γ_base = top `sparsity` fraction of |θ_ft − θ_pre|. Trainable S ~ U[0, 1); the
+    continuous mask γ = γ_base(1 − σ(S − b)) + (1 − γ_base)σ(S − b) starts at γ_base (b = 10); plain
+    gradient steps on S (lr 1e7 in the paper; small models need more) lower the grafted model's
+    task loss; the binary mask round(γ) with the best train accuracy is kept.
+    Returns {"mask", "history": [(step, train accuracy, ‖γ‖₀)]}."""
+    k = int(round(sparsity * n_params(pre)))
+    base = top_movement_mask(pre, ft, k)
+    gen = torch.Generator().manual_seed(seed)
+    S = {n: torch.rand(t.shape, generator=gen).to(t.device).requires_grad_(True) for n, t in pre.items()}
+    label_ids = label_token_ids(mt, task["label_words"])
+    rng = random.Random(seed)
+
+    def gamma():
+        return {n: base[n] * (1 - torch.sigmoid(S[n] - b)) + (1 - base[n]) * torch.sigmoid(S[n] - b)
+                for n in pre}
+
+    def binary():
+        with torch.no_grad():
+            return {n: (g > 0.5).float() for n, g in gamma().items()}
+
+    best = binary()
+    best_acc = task_accuracy(mt, task, "train", _full_params(mt, graft(pre, ft, best)))
+    history = [(0, best_acc, mask_size(best))]
+    for step in tqdm(range(1, steps + 1), desc="optimising the graft mask", disable=not progress):
+        enc, labels = _batch(mt, rng.sample(task["train"], batch_size))
+        grafted = graft(pre, ft, gamma())
+        loss = torch.nn.functional.cross_entropy(
+            label_logits(mt, enc, label_ids, _full_params(mt, grafted)), labels)
+        grads = torch.autograd.grad(loss, list(S.values()))
+        with torch.no_grad():
+            for s, g in zip(S.values(), grads):
+                s -= lr * g
+        if step % 10 == 0 or step == steps:
+            m = binary()
+            acc = task_accuracy(mt, task, "train", _full_params(mt, graft(pre, ft, m)))
+            history.append((step, acc, mask_size(m)))
+            if acc > best_acc:
+                best, best_acc = m, acc
+    return {"mask": best, "history": history}
+
+
+def sigmoid_topk_mask(scores: dict, k: int) -> dict:
+    """He et al. (2024)'s simpler variant, binarised: γ = 1 on the k largest scores (e.g. the S of
+    γ = σ(S) after training with an ℓ1 term). Straight-through: use σ(S) forward, top-k to read off."""
+    flat = torch.cat([s.detach().flatten() for s in scores.values()])
+    threshold = flat.topk(k).values[-1]
+    return {n: (s.detach() >= threshold).float() for n, s in scores.items()}
+
+
+# --- lesions and controls -------------------------------------------------------------------------
+
+
+def lesion(state: dict, mask: dict, to: str = "pre", pre: dict | None = None) -> dict:
+    """Remove a region: entries where mask = 1 are reset to the pretrained value (to="pre") or
+    to zero (to="zero"); everything else keeps `state`'s value."""
+    if to not in ("pre", "zero"):
+        raise ValueError(f"to must be 'pre' or 'zero', got {to!r}")
+    if to == "pre" and pre is None:
+        raise ValueError("lesion(to='pre') needs the pretrained state: pass pre=")
+    other = pre if to == "pre" else {n: torch.zeros_like(t) for n, t in state.items()}
+    return {n: mask[n] * other[n] + (1 - mask[n]) * state[n] for n in state}
+
+
+def lottery_ticket(ft: dict, mask: dict) -> dict:
+    """θ_ft on the mask, zero elsewhere (the lottery-ticket control)."""
+    return {n: mask[n] * ft[n] for n in ft}
+
+
+def region_overlap(mask_a: dict, mask_b: dict) -> float:
+    """|A ∩ B| / min(|A|, |B|): how much two skills' regions share."""
+    inter = sum(((mask_a[n] > 0.5) & (mask_b[n] > 0.5)).sum().item() for n in mask_a)
+    return inter / max(1, min(mask_size(mask_a), mask_size(mask_b)))
+
+
+# --- continual learning (chapter 04) ---------------------------------------------------------------
+
+
+def continual_learning(mt: ModelAndTokenizer, task_a: dict, task_b: dict, sparsity: float = 0.01,
+                       ft_steps: int = 300, mask_steps: int = 100, mask_lr: float = 1e8,
+                       lr: float = 0.05, progress: bool = True) -> dict:
+    """Learn task A, then task B, two ways, and measure both tasks after each:
+
+    - sequential: fine-tune on A, then fine-tune everything on B;
+    - forget-free (Panigrahi et al. 2023): fine-tune on A, find A's graft region (optimize_mask),
+      keep only that region (graft onto θ_pre), then fine-tune on B with A's region frozen.
+    The model is restored to its pretrained state at the end. Returns accuracies, the masks' sizes,
+    and A's mask."""
+    pre = get_state(mt)
+    try:
+        ft_a = finetune(mt, task_a, steps=ft_steps, lr=lr, progress=progress)
+        after_a = {"A": task_accuracy(mt, task_a), "B": task_accuracy(mt, task_b)}
+        mask_a = optimize_mask(mt, pre, ft_a, task_a, sparsity, steps=mask_steps, lr=mask_lr,
+                               progress=progress)["mask"]
+        # sequential fine-tuning from the fine-tuned A model
+        finetune(mt, task_b, steps=ft_steps, lr=lr, progress=progress)
+        sequential = {"A": task_accuracy(mt, task_a), "B": task_accuracy(mt, task_b)}
+        # forget-free: A's region grafted, B learned outside it
+        load_state(mt, graft(pre, ft_a, mask_a))
+        grafted_a = {"A": task_accuracy(mt, task_a), "B": task_accuracy(mt, task_b)}
+        ft_b = finetune(mt, task_b, steps=ft_steps, lr=lr, progress=progress,
+                        frozen={n: m.bool() for n, m in mask_a.items()})
+        forget_free = {"A": task_accuracy(mt, task_a), "B": task_accuracy(mt, task_b)}
+        untouched = all(torch.equal(ft_b[n][mask_a[n].bool()], ft_a[n][mask_a[n].bool()]) for n in pre)
+    finally:
+        load_state(mt, pre)
+    return {"after_A": after_a, "sequential": sequential, "grafted_A": grafted_a,
+            "forget_free": forget_free, "mask_A": mask_a, "mask_A_size": mask_size(mask_a),
+            "region_A_untouched": untouched, "n_params": n_params(pre)}
