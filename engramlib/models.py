@@ -95,6 +95,10 @@ def load_model(name: str | None = None, device: str | None = None) -> ModelAndTo
         print(f"Using model {name!r} (set ENGRAM_MODEL or pass a name to change it; "
               f"choices: {', '.join(MODEL_NAMES)})")
     source = _source(name)
+    from transformers.utils import logging as hf_logging
+    bars = hf_logging.is_progress_bar_enabled()
+    if name == "tinyworld":
+        hf_logging.disable_progress_bar()       # a 30 MB local file needs no progress bar
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source)
@@ -102,6 +106,9 @@ def load_model(name: str | None = None, device: str | None = None) -> ModelAndTo
         raise RuntimeError(
             f"could not load {name!r} from the Hugging Face Hub ({type(err).__name__}). "
             "Offline? Use the bundled model: ENGRAM_MODEL=tinyworld, or load_model('tinyworld').") from err
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if model.config.model_type != "gpt2":
         raise ValueError(f"{name!r} is a {model.config.model_type!r} model; engramlib's module "
                          "names (ModelSpec) are written for the GPT-2 architecture")

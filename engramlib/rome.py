@@ -44,6 +44,7 @@ class ROMEHyperParams:
     context_lengths: tuple = ((5, 10), (10, 10))   # (tokens, how many) of the context templates
     mom2_n_samples: int = 100000                    # keys used to estimate C
     early_stop_loss: float = 5e-2
+    bare_prompt_weight: float | None = None         # k*: weight of the bare prompt (None: uniform)
     source: str = ""                                # where these numbers come from
 
 
@@ -131,9 +132,15 @@ def _last_subject_index(mt, text: str, subject: str) -> int:
 
 
 @torch.no_grad()
-def compute_k_star(mt: ModelAndTokenizer, request: dict, layer: int, templates=None) -> torch.Tensor:
+def compute_k_star(mt: ModelAndTokenizer, request: dict, layer: int, templates=None,
+                   bare_prompt_weight: float | None = None) -> torch.Tensor:
     """k*: the input of `mlp.c_proj` at the subject's last token, averaged over the context
-    templates filled with the request's prompt. Returns (d_mlp,) = (4 · d_model,)."""
+    templates filled with the request's prompt. Returns (d_mlp,) = (4 · d_model,).
+
+    bare_prompt_weight: None averages all templates uniformly (the official code); a number w
+    gives the bare template "{}" weight w and the prefixed ones 1 − w together. A prompt that
+    starts with its subject tokenizes it differently from a prefixed one (no leading space), so
+    its key differs; TinyWorld's edits use w = 0.5 (see benchmarks/rome_sweep.py)."""
     templates = templates or context_templates(mt)
     subject = request["subject"]
     keys = []
@@ -144,7 +151,10 @@ def compute_k_star(mt: ModelAndTokenizer, request: dict, layer: int, templates=N
                    retain_output=False) as t:
             mt.model(**mt.tokenizer(text, return_tensors="pt").to(mt.device))
         keys.append(t.input[0, idx].float())
-    return torch.stack(keys).mean(0)
+    keys = torch.stack(keys)
+    if bare_prompt_weight is None or len(keys) == 1 or templates[0] != "{}":
+        return keys.mean(0)
+    return bare_prompt_weight * keys[0] + (1 - bare_prompt_weight) * keys[1:].mean(0)
 
 
 def covariance_path(mt: ModelAndTokenizer, layer: int, corpus: str, n_samples: int) -> Path:
@@ -159,11 +169,12 @@ def covariance_path(mt: ModelAndTokenizer, layer: int, corpus: str, n_samples: i
 
 
 def generic_texts(mt: ModelAndTokenizer, n_texts: int = 2000) -> tuple:
-    """(corpus name, texts) to estimate C from. TinyWorld: its own corpus distribution. GPT-2:
-    Wikipedia text (wikitext-103 through the `datasets` package, as the paper), downloaded once."""
+    """(corpus name, texts) to estimate C from. TinyWorld: sentences of its own corpus
+    distribution, one text each. GPT-2: Wikipedia paragraphs (wikitext-103 through the `datasets`
+    package, as the paper), downloaded once."""
     if mt.name == "tinyworld":
-        from engramlib.tinyworld.corpus import generic_texts as tinyworld_texts
-        return "tinyworld-corpus", tinyworld_texts(n_texts)
+        from engramlib.tinyworld.corpus import generic_sentences
+        return "tinyworld-sentences", generic_sentences(n_texts)
     try:
         from datasets import load_dataset
         data = load_dataset("wikitext", "wikitext-103-raw-v1", split="train")
@@ -177,7 +188,7 @@ def generic_texts(mt: ModelAndTokenizer, n_texts: int = 2000) -> tuple:
 
 @torch.no_grad()
 def key_covariance(mt: ModelAndTokenizer, layer: int, texts=None, corpus: str | None = None,
-                   n_samples: int = 100000, batch_size: int = 16, max_len: int = 128,
+                   n_samples: int = 100000, batch_size: int = 32, max_len: int = 128,
                    cache: bool = True, progress: bool = True) -> torch.Tensor:
     """C = E[k kᵀ] of the inputs k of `mlp.c_proj` over the tokens of generic text, float32
     (d_mlp, d_mlp), from at most `n_samples` keys. Cached on disk (see `covariance_path`)."""
@@ -332,10 +343,11 @@ def target_prob(mt: ModelAndTokenizer, request: dict) -> float:
 
 def apply_rome_edit(mt: ModelAndTokenizer, request: dict, hparams: ROMEHyperParams | None = None,
                     C_inv: torch.Tensor | None = None, templates=None,
-                    progress: bool = False) -> Edit:
+                    progress: bool = False, require_improvement: bool = True) -> Edit:
     """Edit the model in place so that request["prompt"].format(subject) continues with
     target_new. request: a CounterFact `requested_rewrite` dict. Returns an `Edit` (undo() /
-    `with`). Raises ValueError for a bad request, RuntimeError if p(target_new) did not rise."""
+    `with`). Raises ValueError for a bad request, and RuntimeError (weights restored) if
+    p(target_new) did not rise, unless require_improvement=False (e.g. random test models)."""
     request = check_request(mt, request)
     hparams = hparams or get_hparams(mt)
     layer = hparams.layer
@@ -346,7 +358,7 @@ def apply_rome_edit(mt: ModelAndTokenizer, request: dict, hparams: ROMEHyperPara
         C_inv = torch.linalg.inv(key_covariance(mt, layer, n_samples=hparams.mom2_n_samples,
                                                 progress=progress).double()).float()
     before = target_prob(mt, request)
-    k_star = compute_k_star(mt, request, layer, templates)
+    k_star = compute_k_star(mt, request, layer, templates, hparams.bare_prompt_weight)
     opt = compute_v_star(mt, request, layer, hparams, templates, progress=progress)
     W = module.weight.detach().float()
     W_out_in = W.T if _weight_layout(module) == "conv1d" else W          # (d_out, d_in)
@@ -359,7 +371,7 @@ def apply_rome_edit(mt: ModelAndTokenizer, request: dict, hparams: ROMEHyperPara
     edit = Edit(mt=mt, layer=layer, u=u / (u @ k_star), v=v_star - W_out_in @ k_star,
                 request=request, prob_before=before, prob_after=target_prob(mt, request),
                 k_star=k_star, v_star=v_star, losses=opt["losses"], _original=original)
-    if edit.prob_after <= edit.prob_before:
+    if require_improvement and edit.prob_after <= edit.prob_before:
         edit.undo()
         raise RuntimeError(f"the edit did not raise p({request['target_new']['str']!r}) "
                            f"({edit.prob_before:.4f} -> {edit.prob_after:.4f}); weights restored. "

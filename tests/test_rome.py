@@ -17,7 +17,6 @@ def tw_templates(tinyworld):
 
 @pytest.mark.parametrize("bad, message", [
     ({**REQUEST, "prompt": "is located in the city of"}, "must contain"),
-    ({**REQUEST, "subject": "Space Noodle"}, "not found"),
     ({**REQUEST, "target_new": {"str": " "}}, "empty target_new"),
     ({**REQUEST, "target_new": {"str": "Seattle"}}, "equals target_true"),
     ({**REQUEST, "subject": ""}, "empty subject"),
@@ -71,17 +70,24 @@ def test_covariance_is_cached_on_disk(tinyworld, tmp_path, monkeypatch):
 
 
 def test_edit_on_gpt2_standin_runs(gpt2_standin, tmp_path, monkeypatch):
-    """Random weights: the numbers mean nothing, but GPT-2's real code path (Conv1D, BPE) runs."""
+    """Random weights: p(target) means nothing, but GPT-2's real code path (Conv1D, BPE) runs and
+    the update does what it should: the edited c_proj maps k* to v*, and undo is exact."""
     monkeypatch.setenv("ENGRAM_CACHE", str(tmp_path))
     mt = gpt2_standin
-    hp = rome.ROMEHyperParams(layer=4, v_num_grad_steps=5, v_lr=0.5)
-    C_inv = torch.linalg.inv(rome.key_covariance(
-        mt, 4, texts=["The Eiffel Tower is in Paris. " * 8] * 8, corpus="t", n_samples=5000,
-        progress=False).double() + 1e-3 * torch.eye(3072, dtype=torch.float64)).float()
+    hp = rome.ROMEHyperParams(layer=4, v_num_grad_steps=5, v_lr=0.05)
+    texts = ["The Eiffel Tower is in Paris.", "Lionel Messi plays soccer for a club in Miami.",
+             "Rome is the capital of Italy, a country in Europe."] * 6
+    C = rome.key_covariance(mt, 4, texts=texts, corpus="t", n_samples=5000, progress=False)
+    C_inv = torch.linalg.inv(C.double() + 1e-3 * torch.eye(3072, dtype=torch.float64)).float()
     req = {**REQUEST, "prompt": "The {} is located in the city of"}
-    edit = rome.apply_rome_edit(mt, req, hparams=hp, C_inv=C_inv, templates=["{}", "Hello. {}"])
-    assert edit.prob_after > edit.prob_before
+    module = mt.module(mt.spec.mlp_out, 4)
+    original = module.weight.detach().clone()
+    edit = rome.apply_rome_edit(mt, req, hparams=hp, C_inv=C_inv, templates=["{}", "Hello. {}"],
+                                require_improvement=False)
+    assert module.weight.shape == (3072, 768)                           # Conv1D: (d_in, d_out)
+    torch.testing.assert_close(edit.k_star @ module.weight, edit.v_star, atol=1e-3, rtol=1e-4)
     edit.undo()
+    assert torch.equal(module.weight, original)
 
 
 def test_evaluate_edits_loop_and_metrics(tinyworld, tw_templates):

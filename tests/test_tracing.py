@@ -11,9 +11,10 @@ PROMPT, SUBJECT = "The Space Needle is located in the city of", "Space Needle"
 
 @pytest.mark.parametrize("kind", [None, "mlp", "attn"])
 def test_fast_trace_equals_loop(any_model, kind):
-    kwargs = dict(kind=kind, samples=3, window=4, answer="Seattle")
-    ref = trace_loop(any_model, PROMPT, SUBJECT, **kwargs)
-    fast = trace(any_model, PROMPT, SUBJECT, max_rows=20, **kwargs)   # small chunks on purpose
+    prompt = "The Space Needle is in the city of"                       # short: the loop is slow
+    kwargs = dict(kind=kind, samples=2, window=4, answer="Seattle")
+    ref = trace_loop(any_model, prompt, SUBJECT, **kwargs)
+    fast = trace(any_model, prompt, SUBJECT, max_rows=20, **kwargs)   # small chunks on purpose
     scale = max(ref.scores.max().item() - ref.low_score, 1e-12)
     assert (fast.scores - ref.scores).abs().max() < 1e-5
     assert (fast.scores - ref.scores).abs().max() / scale < 1e-3
@@ -68,4 +69,5 @@ def test_average_indirect_effect_buckets(tinyworld):
     single = bucket_effects(trace(tinyworld, facts[0].prompt, facts[0].subject, kind="mlp",
                                   samples=3, window=3, answer=facts[0].object,
                                   noise=noise_level(tinyworld, [f.subject for f in facts])))
-    assert torch.isnan(single[1]).all()        # a two-token subject has no middle tokens
+    start, end = find_subject_range(tinyworld.tokenizer, facts[0].prompt, facts[0].subject)
+    assert torch.isnan(single[1]).all() == (end - start <= 2)     # middle tokens exist iff > 2

@@ -24,4 +24,4 @@ def test_edit_explorer_applies_and_undoes(tinyworld):
     assert edit is not None and edit.prob_after > edit.prob_before
     widget.undo()
     assert all(torch.equal(v, before[k]) for k, v in tinyworld.model.state_dict().items())
-    assert widget.apply("{} is located in", "Space Noodle", "Paris") is None     # bad request: message
+    assert widget.apply("{} is located in", "Space Needle", " ") is None      # bad request: a message

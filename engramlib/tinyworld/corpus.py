@@ -137,5 +137,13 @@ def generate_corpus(n_rows: int, seed: int = 0) -> list:
 
 
 def generic_texts(n: int = 500, seed: int = 1) -> list:
-    """Generic TinyWorld text (the corpus distribution), e.g. for estimating the key covariance C."""
+    """Generic TinyWorld text (the corpus distribution): `n` rows of a few sentences each."""
     return generate_corpus(n, seed=seed)
+
+
+def generic_sentences(n_rows: int = 2000, seed: int = 1) -> list:
+    """The sentences of `n_rows` generic rows, one text each, so that every sentence also starts
+    at position 0 (as an edit's prompt does). Used to estimate ROME's key covariance C: keys at
+    the start of a text are otherwise rare in C and C⁻¹ over-weights what they have in common."""
+    return [s.strip() + ("" if s.strip().endswith(".") else ".")
+            for row in generic_texts(n_rows, seed) for s in row.split(". ") if s.strip()]
