@@ -12,9 +12,10 @@ or attention outputs of a *window* of layers centred on l, as in the paper.
 `trace_loop` is the reference: one forward per (token, layer) site, like the official code.
 `trace` gives the same numbers faster: it runs the clean and corrupted prompts once, caches
 every layer's states and keys/values, and for each site recomputes only what a restoration can
-change (the layers from the restored one upwards, the positions from the restored token onwards),
-many sites per forward pass. Sites before the subject are skipped: there the clean and corrupted
-runs are identical, so restoring them changes nothing.
+change: the layers from the restored one upwards and the positions from the restored token onwards
+(attention is causal). All sites of one token share a batch that grows layer by layer as sites
+join at their first changed layer. Sites before the subject are skipped: there the clean and
+corrupted runs are identical, so restoring them changes nothing.
 """
 from __future__ import annotations
 
@@ -233,21 +234,25 @@ def average_indirect_effect(mt: ModelAndTokenizer, facts, kind: str | None = Non
 # --- the fast trace ----------------------------------------------------------------------------
 
 def _attention(attn, x, past_k, past_v, layer: int):
-    """GPT-2 self-attention of new positions x [B, P, d] over past keys/values [B, H, p0, dh] plus
-    their own. Returns (output [B, P, d], keys, values [B, H, P, dh])."""
-    cfg = attn.config if hasattr(attn, "config") else None
+    """GPT-2 self-attention of new positions x [B, P, d] over shared past keys/values
+    [R, H, p0, dh] (B = n·R: every group of R rows sees the same past, which is broadcast, not
+    copied) plus their own. Returns (output [B, P, d], keys, values [B, H, P, dh])."""
     q, k, v = attn.c_attn(x).split(attn.split_size, dim=2)
     B, P, _ = x.shape
-    heads = lambda t: t.view(B, P, -1, attn.head_dim).transpose(1, 2)
+    R, p0 = past_k.shape[0], past_k.shape[2]
+    heads = lambda t: t.view(B, P, -1, attn.head_dim).transpose(1, 2)      # [B, H, P, dh]
     q, k, v = heads(q), heads(k), heads(v)
-    keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-    p0 = past_k.shape[2]
-    mask = torch.ones(P, p0 + P, dtype=torch.bool, device=x.device).tril(diagonal=p0)
     scale = attn.head_dim ** -0.5 if getattr(attn, "scale_attn_weights", True) else 1.0
-    if cfg is not None and getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
+    if getattr(attn.config, "scale_attn_by_inverse_layer_idx", False):
         scale /= layer + 1
-    out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
-    out = out.transpose(1, 2).reshape(B, P, -1)
+    groups = lambda t: t.view(B // R, R, *t.shape[1:])                     # [n, R, H, P, dh]
+    w_past = groups(q) @ past_k.transpose(-1, -2) * scale                  # [n, R, H, P, p0]
+    w_new = groups(q) @ groups(k).transpose(-1, -2) * scale                # [n, R, H, P, P]
+    causal = torch.ones(P, P, dtype=torch.bool, device=x.device).tril()
+    w_new = w_new.masked_fill(~causal, float("-inf"))
+    w = torch.softmax(torch.cat([w_past, w_new], dim=-1), dim=-1)
+    out = w[..., :p0] @ past_v + w[..., p0:] @ groups(v)                   # [n, R, H, P, dh]
+    out = out.view(B, -1, P, attn.head_dim).transpose(1, 2).reshape(B, P, -1)
     return attn.c_proj(out), k, v
 
 
@@ -298,42 +303,48 @@ def _answer_prob(mt, h_last, answer_id):
 
 
 @torch.no_grad()
-def _restore_chunk(mt, cache, kind, sites, window, answer_id, S):
-    """Scores for a chunk of sites [(t, l), ...] that share a start layer: recompute layers
-    start..L-1 at positions p0..T-1 (p0 = the chunk's first token) for S corrupted rows per site."""
+def _restore_token(mt, cache, kind, t, sites, window, answer_id, S):
+    """Scores for sites [(t, l), ...] at one token t. Only positions t..T-1 are recomputed (earlier
+    ones cannot change) and each site joins the batch at its first changed layer, so a site
+    restoring layer l costs (T - t) positions × (L - l) layers, never more."""
     tr, L = mt.model.transformer, mt.n_layers
-    T = cache["input"][0].shape[1]
-    p0 = min(t for t, _ in sites)
-    n = len(sites)
-    t_rel = torch.tensor([t - p0 for t, _ in sites], device=mt.device).repeat_interleave(S)
-    rows = torch.arange(n * S, device=mt.device)
-    if kind is None:                       # restore the block output of layer l at token t
-        start = sites[0][1] + 1
-        x = cache["output"][start - 1][1:, p0:].repeat(n, 1, 1)
-        clean = cache["output"][start - 1][0, p0:]
-        x[rows, t_rel] = clean[t_rel]
-        windows = [range(0)] * n
-    else:                                  # restore attn/mlp outputs of a window of layers at t
-        spans = [(max(0, l - window // 2), min(L, l - (-window // 2))) for _, l in sites]
-        start = spans[0][0]
-        x = cache["input"][start][1:, p0:].repeat(n, 1, 1)
-        windows = [range(lo, hi) for lo, hi in spans]
-    for layer in range(start, L):
+    starts, windows = [], []
+    for _, l in sites:
+        if kind is None:                 # block output of layer l restored: rerun from l + 1
+            starts.append(l + 1)
+            windows.append(range(0))
+        else:                            # attn/mlp outputs of a window of layers restored
+            lo, hi = max(0, l - window // 2), min(L, l - (-window // 2))
+            starts.append(lo)
+            windows.append(range(lo, hi))
+    x = cache["input"][0].new_zeros(0, cache["input"][0].shape[1] - t, cache["input"][0].shape[2])
+    order = []                           # site index of each group of S rows in x
+    for layer in range(L + 1):
+        joining = [i for i, st in enumerate(starts) if st == layer]
+        if joining:
+            if kind is None:
+                init = cache["output"][layer - 1][1:, t:].repeat(len(joining), 1, 1)
+                init[:, 0] = cache["output"][layer - 1][0, t]          # the restored state
+            else:
+                init = cache["input"][layer][1:, t:].repeat(len(joining), 1, 1)
+            x = torch.cat([x, init])
+            order += joining
+        if layer == L or not order:
+            continue
         edit = None
         if kind is not None:
-            hit = torch.tensor([layer in w for w in windows], device=mt.device).repeat_interleave(S)
-            clean = cache[kind][layer][0, p0:]
+            hit = torch.tensor([layer in windows[i] for i in order], device=x.device).repeat_interleave(S)
+            clean = cache[kind][layer][0, t]
 
             def edit(out, hit=hit, clean=clean):
-                r = rows[hit]
-                out[r, t_rel[r]] = clean[t_rel[r]]
+                out[hit, 0] = clean
                 return out
-        past_k = cache["k"][layer][1:, :, :p0].repeat(n, 1, 1, 1)
-        past_v = cache["v"][layer][1:, :, :p0].repeat(n, 1, 1, 1)
+        past_k, past_v = cache["k"][layer][1:, :, :t], cache["v"][layer][1:, :, :t]
         x, _, _, _, _ = _block(tr.h[layer], x, past_k, past_v, layer,
                                edit_attn=edit if kind == "attn" else None,
                                edit_mlp=edit if kind == "mlp" else None)
-    return _answer_prob(mt, x[:, -1], answer_id).view(n, S).mean(1)
+    probs = _answer_prob(mt, x[:, -1], answer_id).view(len(order), S).mean(1)
+    return {order[j]: probs[j].item() for j in range(len(order))}
 
 
 def trace(mt: ModelAndTokenizer, prompt: str, subject: str, kind: str | None = None,
@@ -352,22 +363,15 @@ def trace(mt: ModelAndTokenizer, prompt: str, subject: str, kind: str | None = N
     probs = _answer_prob(mt, cache["output"][-1][:, -1], setup["answer_id"])
     low = probs[1:].mean().item()
     scores = torch.full((T, L), low)
-    by_start = {}
-    for t in range(setup["start"], T):
-        for l in range(L):
-            start = l + 1 if kind is None else max(0, l - window // 2)
-            by_start.setdefault(start, []).append((t, l))
     per_chunk = max(1, max_rows // S)
-    chunks = [(start, sites[i:i + per_chunk]) for start, sites in sorted(by_start.items())
-              for i in range(0, len(sites), per_chunk)]
-    for start, sites in tqdm(chunks, desc="tracing", disable=not progress):
-        if start >= L:                     # restoring the last block's output: nothing to rerun
-            for t, l in sites:
-                scores[t, l] = probs[0].item() if t == T - 1 else low
-            continue
-        chunk_scores = _restore_chunk(mt, cache, kind, sites, window, setup["answer_id"], S)
-        for (t, l), sc in zip(sites, chunk_scores.tolist()):
-            scores[t, l] = sc
+    tokens = range(setup["start"], T)
+    for t in tqdm(tokens, desc="tracing", disable=not progress):
+        sites = [(t, l) for l in range(L)]
+        for i in range(0, L, per_chunk):
+            chunk = sites[i:i + per_chunk]
+            for j, score in _restore_token(mt, cache, kind, t, chunk, window,
+                                           setup["answer_id"], S).items():
+                scores[chunk[j]] = score
     return TraceResult(scores=scores, low_score=low, high_score=setup["high"],
                        tokens=[mt.tokenizer.decode([i]) for i in setup["ids"][0].tolist()],
                        subject_range=(setup["start"], setup["end"]),
