@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from engramlib.hooks import Trace, TraceDict
+from engramlib.hooks import Trace
 from engramlib.memory import rank_one_edit
 from engramlib.models import ModelAndTokenizer, generate, next_token_probs
 from engramlib.tracing import find_subject_range
