@@ -73,7 +73,7 @@ def strip_solutions(source: str, exercise: str) -> str:
 
 def badge_cell(path: Path) -> dict:
     url = f"https://colab.research.google.com/github/{GITHUB_REPO}/blob/main/chapters/{path.name}"
-    return {"cell_type": "markdown", "metadata": {"tags": [BADGE_TAG]},
+    return {"cell_type": "markdown", "id": BADGE_TAG, "metadata": {"tags": [BADGE_TAG]},
             "source": f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url})"}
 
 
