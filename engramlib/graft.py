@@ -165,9 +165,7 @@ def top_movement_mask(pre: dict, ft: dict, k: int) -> dict:
     """γ = 1 on the k entries that moved most, |θ_ft − θ_pre|, ranked over all tensors together."""
     if k < 1:
         raise ValueError(f"a mask needs at least one parameter, got k = {k} (sparsity too small?)")
-    moves = torch.cat([(ft[n] - pre[n]).abs().flatten() for n in pre])
-    threshold = moves.topk(k).values[-1]
-    return {n: ((ft[n] - pre[n]).abs() >= threshold).float() for n in pre}
+    return sigmoid_topk_mask({n: (ft[n] - pre[n]).abs() for n in pre}, k)
 
 
 def random_mask(pre: dict, k: int, seed: int = 0) -> dict:

@@ -198,8 +198,8 @@ def key_covariance(mt: ModelAndTokenizer, layer: int, texts=None, corpus: str | 
     path = covariance_path(mt, layer, corpus, n_samples)
     if cache and path.exists():
         return torch.load(path, map_location=mt.device)
-    d = mt.module(mt.spec.mlp_out, layer).weight.shape
-    d_in = d[0] if type(mt.module(mt.spec.mlp_out, layer)).__name__ == "Conv1D" else d[1]
+    module = mt.module(mt.spec.mlp_out, layer)
+    d_in = module.weight.shape[0 if _weight_layout(module) == "conv1d" else 1]
     total, count = torch.zeros(d_in, d_in, dtype=torch.float64, device=mt.device), 0
     mt.tokenizer.padding_side = "right"
     for i in tqdm(range(0, len(texts), batch_size), desc=f"key covariance (layer {layer})",

@@ -282,8 +282,7 @@ def _full_run(mt, setup):
     tr = mt.model.transformer
     ids = setup["ids"]
     S, T = setup["noise_draws"].shape[0], ids.shape[1]
-    emb = tr.wte(ids).expand(S + 1, -1, -1).clone()
-    emb[1:, setup["start"]:setup["end"]] += setup["noise_draws"].to(emb.dtype)
+    emb = _corrupt_hook(mt, setup)(tr.wte(ids).expand(S + 1, -1, -1), mt.spec.embedding)
     x = emb + tr.wpe(torch.arange(T, device=ids.device))
     empty = x.new_zeros(S + 1, tr.h[0].attn.num_heads, 0, tr.h[0].attn.head_dim)
     cache = {"input": [], "output": [], "attn": [], "mlp": [], "k": [], "v": []}
