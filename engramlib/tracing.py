@@ -14,8 +14,9 @@ or attention outputs of a *window* of layers centred on l, as in the paper.
 every layer's states and keys/values, and for each site recomputes only what a restoration can
 change: the layers from the restored one upwards and the positions from the restored token onwards
 (attention is causal). All sites of one token share a batch that grows layer by layer as sites
-join at their first changed layer. Sites before the subject are skipped: there the clean and
-corrupted runs are identical, so restoring them changes nothing.
+join at their first changed layer, and sites whose restorations agree so far (overlapping mlp/attn
+windows) share one computation until they differ. Sites before the subject are skipped: there the
+clean and corrupted runs are identical, so restoring them changes nothing.
 """
 from __future__ import annotations
 
@@ -301,49 +302,78 @@ def _answer_prob(mt, h_last, answer_id):
     return torch.softmax(logits, -1)[:, answer_id]
 
 
+def _window(kind, layer: int, window: int, L: int) -> range:
+    """Layers whose attn/mlp outputs a site at `layer` restores (empty for kind None)."""
+    if kind is None:
+        return range(0)
+    return range(max(0, layer - window // 2), min(L, layer - (-window // 2)))
+
+
+@torch.no_grad()
+def _first_changed_state(mt, cache, kind, t, layer, window):
+    """(state [S, T - t, d] after the first layer a site changes, index of the next layer to run).
+
+    kind None restores the block output of `layer` at token t. mlp/attn restore outputs from the
+    window's first layer lo on; at lo only position t changes (the later positions still see the
+    corrupted inputs of layer lo), so lo costs one position (attn) or nothing (mlp)."""
+    if kind is None:
+        x = cache["output"][layer][1:, t:].clone()
+        x[:, 0] = cache["output"][layer][0, t]
+        return x, layer + 1
+    lo = _window(kind, layer, window, mt.n_layers).start
+    x = cache["output"][lo][1:, t:].clone()
+    if kind == "mlp":
+        h = cache["input"][lo][1:, t] + cache["attn"][lo][1:, t]
+        x[:, 0] = h + cache["mlp"][lo][0, t]
+    else:
+        block = mt.model.transformer.h[lo]
+        h = cache["input"][lo][1:, t] + cache["attn"][lo][0, t]
+        x[:, 0] = h + block.mlp(block.ln_2(h))
+    return x, lo + 1
+
+
 @torch.no_grad()
 def _restore_token(mt, cache, kind, t, sites, window, answer_id, S):
-    """Scores for sites [(t, l), ...] at one token t. Only positions t..T-1 are recomputed (earlier
-    ones cannot change) and each site joins the batch at its first changed layer, so a site
-    restoring layer l costs (T - t) positions × (L - l) layers, never more."""
-    tr, L = mt.model.transformer, mt.n_layers
-    starts, windows = [], []
-    for _, l in sites:
-        if kind is None:                 # block output of layer l restored: rerun from l + 1
-            starts.append(l + 1)
-            windows.append(range(0))
-        else:                            # attn/mlp outputs of a window of layers restored
-            lo, hi = max(0, l - window // 2), min(L, l - (-window // 2))
-            starts.append(lo)
-            windows.append(range(lo, hi))
-    x = cache["input"][0].new_zeros(0, cache["input"][0].shape[1] - t, cache["input"][0].shape[2])
-    order = []                           # site index of each group of S rows in x
-    for layer in range(L + 1):
-        joining = [i for i, st in enumerate(starts) if st == layer]
-        if joining:
-            if kind is None:
-                init = cache["output"][layer - 1][1:, t:].repeat(len(joining), 1, 1)
-                init[:, 0] = cache["output"][layer - 1][0, t]          # the restored state
-            else:
-                init = cache["input"][layer][1:, t:].repeat(len(joining), 1, 1)
-            x = torch.cat([x, init])
-            order += joining
-        if layer == L or not order:
-            continue
-        edit = None
-        if kind is not None:
-            hit = torch.tensor([layer in windows[i] for i in order], device=x.device).repeat_interleave(S)
-            clean = cache[kind][layer][0, t]
+    """Scores for sites [(t, l), ...] at one token t: {site index: p(answer)}.
 
-            def edit(out, hit=hit, clean=clean):
-                out[hit, 0] = clean
-                return out
+    Only positions t..T-1 are recomputed (earlier ones cannot change), and a site enters at the
+    first layer its restoration changes. Sites travel in *branches*: the sites of a branch have
+    restored the same layers so far, so their states are equal and computed once. A branch splits
+    at a layer that some of its sites restore and others do not. (Windows clipped at the ends of
+    the model, e.g. window 10 on 8 layers, make several sites identical all the way.) Each layer
+    runs all branches as one batch of S rows per branch."""
+    tr, L = mt.model.transformer, mt.n_layers
+    windows = [_window(kind, l, window, L) for _, l in sites]
+    starts = {}                          # sites that start in the same state: same key
+    for i, (_, l) in enumerate(sites):
+        starts.setdefault(windows[i].start if kind else l, []).append(i)
+    entering = [(*_first_changed_state(mt, cache, kind, t, sites[m[0]][1], window), m)
+                for m in starts.values()]          # (state, first layer to run, site indices)
+    branches = []                        # (state [S, T - t, d], site indices)
+    for layer in range(L):
+        branches += [(x, m) for x, first, m in entering if first == layer]
+        if not branches:
+            continue
+        parts = []                       # (state, site indices, restores this layer?)
+        for x, members in branches:
+            hit = [i for i in members if layer in windows[i]]
+            miss = [i for i in members if layer not in windows[i]]
+            parts += [(x, group, flag) for group, flag in ((hit, True), (miss, False)) if group]
+        restored = torch.tensor([flag for _, _, flag in parts], device=x.device).repeat_interleave(S)
+        clean = cache[kind][layer][0, t] if kind else None
+
+        def edit(out, restored=restored, clean=clean):
+            out[restored, 0] = clean
+            return out
         past_k, past_v = cache["k"][layer][1:, :, :t], cache["v"][layer][1:, :, :t]
-        x, _, _, _, _ = _block(tr.h[layer], x, past_k, past_v, layer,
+        x, _, _, _, _ = _block(tr.h[layer], torch.cat([p[0] for p in parts]), past_k, past_v, layer,
                                edit_attn=edit if kind == "attn" else None,
                                edit_mlp=edit if kind == "mlp" else None)
-    probs = _answer_prob(mt, x[:, -1], answer_id).view(len(order), S).mean(1)
-    return {order[j]: probs[j].item() for j in range(len(order))}
+        branches = [(x_part, members) for x_part, (_, members, _) in zip(x.split(S), parts)]
+    branches += [(x, m) for x, first, m in entering if first == L]
+    probs = _answer_prob(mt, torch.cat([x[:, -1] for x, _ in branches]), answer_id)
+    probs = probs.view(len(branches), S).mean(1)
+    return {i: probs[b].item() for b, (_, members) in enumerate(branches) for i in members}
 
 
 def trace(mt: ModelAndTokenizer, prompt: str, subject: str, kind: str | None = None,

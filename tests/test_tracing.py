@@ -23,6 +23,17 @@ def test_fast_trace_equals_loop(any_model, kind):
     assert fast.tokens == ref.tokens and fast.subject_range == ref.subject_range
 
 
+@pytest.mark.parametrize("kind,window", [("mlp", 1), ("mlp", 3), ("attn", 10), ("mlp", 11)])
+def test_fast_trace_equals_loop_for_any_window(tinyworld, kind, window):
+    """Window 1: no sharing; 10 and 11 on 8 layers: clipped windows make several sites identical
+    and branches split at many layers. The fast trace must still give the loop's numbers."""
+    prompt = "The Space Needle is in the city of"
+    kwargs = dict(kind=kind, samples=2, window=window, answer="Seattle")
+    ref = trace_loop(tinyworld, prompt, SUBJECT, **kwargs)
+    fast = trace(tinyworld, prompt, SUBJECT, **kwargs)
+    assert (fast.scores - ref.scores).abs().max() < 1e-5
+
+
 def test_trace_invariants(tinyworld):
     r = trace(tinyworld, PROMPT, SUBJECT, samples=5)
     s, e = r.subject_range
