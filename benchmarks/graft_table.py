@@ -1,11 +1,12 @@
 """Grafting on TinyWorld: the tables of the grafting issue, measured in one run.
 
-    python benchmarks/graft_table.py [--steps 300] [--mask-steps 100] [--threads 1]
+    python benchmarks/graft_table.py [--steps 300] [--mask-steps 100] [--threads 1] [--continual 0.1:0.001 ...]
 
 Prints: pretrained and fine-tuned accuracy on the polarity task; grafted accuracy at 0.01 %, 0.1 %
 and 1 % of the graftable parameters for the optimised, top-movement and random masks; the lesion
 test (remove the optimised region vs a random region of the same size from the fine-tuned model);
-and continual learning (polarity then topic, sequential vs forget-free).
+and continual learning (polarity then topic, sequential vs forget-free) for several learning rates
+of B and sizes of B's region.
 """
 import argparse
 import sys
@@ -25,7 +26,8 @@ def main(argv=None):
     parser.add_argument("--mask-steps", type=int, default=100)
     parser.add_argument("--mask-lr", type=float, default=1e8)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--skip-continual", action="store_true")
+    parser.add_argument("--continual", nargs="*", default=["0.05:0.001", "0.1:0.001", "0.2:0.001", "0.2:0.01"],
+                        help="continual-learning runs as B_LR:B_SPARSITY (none: skip)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.time()
@@ -67,15 +69,17 @@ def main(argv=None):
           f"(cost {acc_ft - random_lesion:.1%}); ratio "
           + (f"{(acc_ft - lesioned) / (acc_ft - random_lesion):.1f}x" if acc_ft > random_lesion else "inf (a random lesion costs nothing)"))
     print(f"lottery ticket (θ_ft on the region, 0 elsewhere): {acc(G.lottery_ticket(ft, opt)):.1%}")
-    if not args.skip_continual:
-        for lr_b in (0.05, 0.2):
-            out = G.continual_learning(mt, task, G.make_task("topic"), ft_steps=args.steps,
-                                       mask_steps=args.mask_steps, mask_lr=args.mask_lr, lr_b=lr_b,
-                                       progress=False)
-            for key in ("after_A", "sequential", "grafted_A", "B_outside_A", "forget_free"):
-                print(f"continual (B lr {lr_b}) {key:<12} polarity {out[key]['A']:.1%}  topic {out[key]['B']:.1%}")
-            print(f"regions: A {out['mask_A_size']} params (untouched by B: {out['region_A_untouched']}), "
-                  f"B {out['mask_B_size']}, overlap of A and B (before disjoint) {out['overlap_AB']:.1%}")
+    for setting in args.continual:
+        lr_b, sparsity_b = (float(x) for x in setting.split(":"))
+        out = G.continual_learning(mt, task, G.make_task("topic"), sparsity=1e-2, sparsity_b=sparsity_b,
+                                   ft_steps=args.steps, mask_steps=args.mask_steps,
+                                   mask_lr=args.mask_lr, lr_b=lr_b, progress=False)
+        for key in ("after_A", "sequential", "grafted_A", "B_outside_A", "forget_free"):
+            print(f"continual (B lr {lr_b}, B region {sparsity_b:.1%}) {key:<12} "
+                  f"polarity {out[key]['A']:.1%}  topic {out[key]['B']:.1%}")
+        print(f"regions: A {out['mask_A_size']} params (untouched by B: {out['region_A_untouched']}), "
+              f"B {out['mask_B_size']}; polarity kept within 5 points: "
+              f"{out['forget_free']['A'] >= out['after_A']['A'] - 0.05}")
     print(f"total time {time.time() - start:.0f} s")
 
 

@@ -475,3 +475,24 @@ def freeze_gradients(fn):
     if not all(torch.equal(got[n], copy[n] * ~region[n]) for n in grads):
         _fail("expected the gradient with zeros inside the region and unchanged outside")
     _ok("freeze_gradients")
+
+
+def region_overlap(fn):
+    """Exercise 4.2: fn(mask_a, mask_b) -> |A ∩ B| / min(|A|, |B|) over all tensors together."""
+    a = {"w": torch.tensor([[1., 1., 0., 0.], [1., 0., 0., 0.]]), "b": torch.tensor([1., 1., 0.])}
+    b = {"w": torch.tensor([[1., 0., 1., 1.], [0., 0., 1., 1.]]), "b": torch.tensor([1., 0., 1.])}
+    # |A| = 5, |B| = 7, |A ∩ B| = 2, |A ∪ B| = 10
+    got = float(_call(fn, a, b))
+    if abs(got - 2) < 1e-6:
+        _fail("you returned the number of shared entries (2); divide by the smaller region's size")
+    if abs(got - 0.2) < 1e-6:
+        _fail("that is the Jaccard index |A ∩ B| / |A ∪ B|; this measure divides by min(|A|, |B|), "
+              "so a region that lies inside a larger one has overlap 1")
+    if abs(got - 2 / 7) < 1e-6:
+        _fail("you divided by the LARGER region; divide by min(|A|, |B|)")
+    if abs(got - 0.4) > 1e-6:
+        _fail(f"expected 2 shared / 5 in the smaller region = 0.4, got {got:.4g}; count over all "
+              "tensors together before dividing")
+    if abs(float(fn(a, a)) - 1) > 1e-6:
+        _fail("a region overlaps itself completely: fn(a, a) should be 1")
+    _ok("region_overlap")

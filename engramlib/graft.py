@@ -270,45 +270,52 @@ def region_overlap(mask_a: dict, mask_b: dict) -> float:
 
 
 def continual_learning(mt: ModelAndTokenizer, task_a: dict, task_b: dict, sparsity: float = 0.01,
-                       ft_steps: int = 300, mask_steps: int = 100, mask_lr: float = 1e8,
-                       lr: float = 0.05, lr_b: float | None = None, progress: bool = True) -> dict:
+                       sparsity_b: float = 0.001, ft_steps: int = 300, mask_steps: int = 100,
+                       mask_lr: float = 1e8, lr: float = 0.05, lr_b: float | None = None,
+                       progress: bool = True) -> dict:
     """Learn task A, then task B, two ways, and measure both tasks after each:
 
     - sequential: fine-tune on A, then fine-tune everything on B;
-    - forget-free (after Panigrahi et al. 2023): fine-tune on A and find A's graft region; keep only
-      that region (grafted onto θ_pre); fine-tune on B with A's region frozen; find B's region in
-      that run and graft only it (minus A's region). Each skill then lives in its own sparse,
-      disjoint region and the rest of the model stays pretrained.
+    - forget-free (after Panigrahi et al. 2023): fine-tune on A and find A's graft region
+      (`sparsity`); keep only that region (grafted onto θ_pre); fine-tune on B with A's region
+      frozen; find B's graft region in that run (`sparsity_b`, outside A's region by construction)
+      and keep only it. Each skill then lives in its own sparse region and the rest of the model
+      stays pretrained. The smaller B's region, the less it disturbs the weights A relies on.
     lr is the SGD learning rate for A, lr_b for B (default: lr). The model is restored to its
-    pretrained state at the end. Returns accuracies, the masks' sizes, and A's mask."""
+    pretrained state at the end. Returns {"after_A", "sequential", "grafted_A", "B_outside_A",
+    "forget_free": {"A": accuracy, "B": accuracy}, "ft_A" (A's fine-tuned state), "mask_A",
+    "mask_B", their sizes, ...}."""
     lr_b = lr if lr_b is None else lr_b
     pre = get_state(mt)
+
+    def both():
+        return {"A": task_accuracy(mt, task_a), "B": task_accuracy(mt, task_b)}
     try:
         ft_a = finetune(mt, task_a, steps=ft_steps, lr=lr, progress=progress)
-        after_a = {"A": task_accuracy(mt, task_a), "B": task_accuracy(mt, task_b)}
+        after_a = both()
         mask_a = optimize_mask(mt, pre, ft_a, task_a, sparsity, steps=mask_steps, lr=mask_lr,
                                progress=progress)["mask"]
         # sequential fine-tuning from the fine-tuned A model
         finetune(mt, task_b, steps=ft_steps, lr=lr_b, progress=progress)
-        sequential = {"A": task_accuracy(mt, task_a), "B": task_accuracy(mt, task_b)}
+        sequential = both()
         # forget-free: A's region grafted, B learned outside it, then only B's own region kept
         with_a = graft(pre, ft_a, mask_a)
         load_state(mt, with_a)
-        grafted_a = {"A": task_accuracy(mt, task_a), "B": task_accuracy(mt, task_b)}
+        grafted_a = both()
         frozen = {n: m.bool() for n, m in mask_a.items()}
         ft_b = finetune(mt, task_b, steps=ft_steps, lr=lr_b, progress=progress, frozen=frozen)
-        outside_b = {"A": task_accuracy(mt, task_a), "B": task_accuracy(mt, task_b)}
-        mask_b_raw = optimize_mask(mt, with_a, ft_b, task_b, sparsity, steps=mask_steps,
-                                   lr=mask_lr, progress=progress)["mask"]
-        mask_b = {n: m * (1 - mask_a[n]) for n, m in mask_b_raw.items()}   # disjoint from A's
+        outside_b = both()
+        mask_b = optimize_mask(mt, with_a, ft_b, task_b, sparsity_b, steps=mask_steps,
+                               lr=mask_lr, progress=progress)["mask"]
+        mask_b = {n: m * (1 - mask_a[n]) for n, m in mask_b.items()}   # A's region never moved
         final = graft(with_a, ft_b, mask_b)
         load_state(mt, final)
-        forget_free = {"A": task_accuracy(mt, task_a), "B": task_accuracy(mt, task_b)}
+        forget_free = both()
         untouched = all(torch.equal(final[n][mask_a[n].bool()], ft_a[n][mask_a[n].bool()]) for n in pre)
     finally:
         load_state(mt, pre)
     return {"after_A": after_a, "sequential": sequential, "grafted_A": grafted_a,
-            "B_outside_A": outside_b, "forget_free": forget_free, "mask_A": mask_a, "mask_B": mask_b,
-            "overlap_AB": region_overlap(mask_a, mask_b_raw),
+            "B_outside_A": outside_b, "forget_free": forget_free, "ft_A": ft_a,
+            "mask_A": mask_a, "mask_B": mask_b,
             "mask_A_size": mask_size(mask_a), "mask_B_size": mask_size(mask_b),
             "region_A_untouched": untouched, "n_params": n_params(pre)}

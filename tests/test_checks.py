@@ -184,3 +184,11 @@ def test_grafting_checks(capsys):
     expect(checks.lesion_region, lambda s, m, p: G.lesion(s, m, to="zero"), "zeroed")
     expect(checks.lesion_region, lambda s, m, p: G.graft(p, s, m), "graft")
     expect(checks.freeze_gradients, lambda g, r: {n: t * r[n] for n, t in g.items()}, "other way round")
+    checks.region_overlap(G.region_overlap)
+    inter = lambda a, b: sum(float((a[n] * b[n]).sum()) for n in a)
+    size = lambda m: sum(float(t.sum()) for t in m.values())
+    expect(checks.region_overlap, inter, "number of shared")
+    expect(checks.region_overlap, lambda a, b: inter(a, b) / (size(a) + size(b) - inter(a, b)), "Jaccard")
+    expect(checks.region_overlap, lambda a, b: inter(a, b) / max(size(a), size(b)), "LARGER")
+    expect(checks.region_overlap, lambda a, b: sum(float((a[n] * b[n]).sum() / a[n].sum()) for n in a) / len(a),
+           "all tensors together")

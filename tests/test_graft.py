@@ -79,3 +79,20 @@ def test_optimize_mask_returns_a_sparse_mask_no_worse_than_its_start(tinyworld, 
     size = G.mask_size(out["mask"])
     assert 0 < size < 0.05 * G.n_params(pre)
     assert max(acc for _, acc, _ in out["history"]) >= out["history"][0][1]
+
+
+def test_continual_learning_keeps_the_regions_apart_and_restores_the_model(tinyworld):
+    a = G.make_task("polarity", n_train=64, n_test=32)
+    b = G.make_task("topic", n_train=64, n_test=32)
+    before = G.get_state(tinyworld)
+    out = G.continual_learning(tinyworld, a, b, sparsity=0.01, sparsity_b=0.001, ft_steps=3,
+                               mask_steps=1, lr_b=0.1, progress=False)
+    assert out["region_A_untouched"]
+    assert out["mask_A_size"] >= round(0.01 * out["n_params"]) and out["mask_B_size"] > 0
+    assert sum(int(((out["mask_A"][n] > 0.5) & (out["mask_B"][n] > 0.5)).sum()) for n in before) == 0
+    moved = {n: out["ft_A"][n] != before[n] for n in before}
+    assert sum(int(m.sum()) for m in moved.values()) > out["mask_A_size"]   # A's fine-tuning moved more
+    after = G.get_state(tinyworld)
+    assert all(torch.equal(before[n], after[n]) for n in before)            # model restored
+    for key in ("after_A", "sequential", "grafted_A", "B_outside_A", "forget_free"):
+        assert set(out[key]) == {"A", "B"} and all(0 <= v <= 1 for v in out[key].values())
