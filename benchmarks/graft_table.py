@@ -20,19 +20,8 @@ from engramlib import graft as G  # noqa: E402
 from engramlib.models import load_model  # noqa: E402
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--mask-steps", type=int, default=100)
-    parser.add_argument("--mask-lr", type=float, default=1e8)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--continual", nargs="*", default=["0.05:0.001", "0.1:0.001", "0.2:0.001", "0.2:0.01"],
-                        help="continual-learning runs as B_LR:B_SPARSITY (none: skip)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    start = time.time()
-    mt = load_model("tinyworld", device="cpu")
-    task = G.make_task("polarity")
+def graft_and_lesion_table(mt, task, args):
+    """Fine-tune on the task; grafted accuracy per mask size and kind; lesions; lottery ticket."""
     pre = G.get_state(mt)
     acc_pre = G.task_accuracy(mt, task)
     ft = G.finetune(mt, task, steps=args.steps, progress=False)
@@ -69,6 +58,24 @@ def main(argv=None):
           f"(cost {acc_ft - random_lesion:.1%}); ratio "
           + (f"{(acc_ft - lesioned) / (acc_ft - random_lesion):.1f}x" if acc_ft > random_lesion else "inf (a random lesion costs nothing)"))
     print(f"lottery ticket (θ_ft on the region, 0 elsewhere): {acc(G.lottery_ticket(ft, opt)):.1%}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--mask-steps", type=int, default=100)
+    parser.add_argument("--mask-lr", type=float, default=1e8)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--continual", nargs="*", default=["0.05:0.001", "0.1:0.001", "0.2:0.001", "0.2:0.01"],
+                        help="continual-learning runs as B_LR:B_SPARSITY (none: skip)")
+    parser.add_argument("--no-table", action="store_true", help="only the continual-learning runs")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start = time.time()
+    mt = load_model("tinyworld", device="cpu")
+    task = G.make_task("polarity")
+    if not args.no_table:
+        graft_and_lesion_table(mt, task, args)
     for setting in args.continual:
         lr_b, sparsity_b = (float(x) for x in setting.split(":"))
         out = G.continual_learning(mt, task, G.make_task("topic"), sparsity=1e-2, sparsity_b=sparsity_b,
