@@ -89,13 +89,19 @@ def noise_level(mt: ModelAndTokenizer, subjects, factor: float = 3.0) -> float:
     return factor * emb.std().item()
 
 
+def _window(kind, layer: int, window: int, L: int) -> range:
+    """Layers whose attn/mlp outputs a site at `layer` restores (empty for kind None)."""
+    if kind is None:
+        return range(0)
+    return range(max(0, layer - window // 2), min(L, layer - (-window // 2)))
+
+
 def _site_modules(mt: ModelAndTokenizer, kind: str | None, layer: int, window: int) -> list:
     """Module names restored for one site: one block, or a window of mlp/attn modules around layer."""
     if kind is None:
         return [mt.spec.layer.format(layer)]
     template = {"mlp": mt.spec.mlp, "attn": mt.spec.attn}[kind]
-    lo, hi = max(0, layer - window // 2), min(mt.n_layers, layer - (-window // 2))
-    return [template.format(l) for l in range(lo, hi)]
+    return [template.format(l) for l in _window(kind, layer, window, mt.n_layers)]
 
 
 def _check_kind(kind):
@@ -300,13 +306,6 @@ def _answer_prob(mt, h_last, answer_id):
     tr = mt.model.transformer
     logits = mt.model.lm_head(tr.ln_f(h_last)).float()
     return torch.softmax(logits, -1)[:, answer_id]
-
-
-def _window(kind, layer: int, window: int, L: int) -> range:
-    """Layers whose attn/mlp outputs a site at `layer` restores (empty for kind None)."""
-    if kind is None:
-        return range(0)
-    return range(max(0, layer - window // 2), min(L, layer - (-window // 2)))
 
 
 @torch.no_grad()
