@@ -309,26 +309,24 @@ def _answer_prob(mt, h_last, answer_id):
 
 
 @torch.no_grad()
-def _first_changed_state(mt, cache, kind, t, layer, window):
-    """(state [S, T - t, d] after the first layer a site changes, index of the next layer to run).
+def _first_changed_state(mt, cache, kind, t, layer):
+    """State [S, T - t, d] after the first layer a site changes; the next layer to run is layer + 1.
 
-    kind None restores the block output of `layer` at token t. mlp/attn restore outputs from the
-    window's first layer lo on; at lo only position t changes (the later positions still see the
-    corrupted inputs of layer lo), so lo costs one position (attn) or nothing (mlp)."""
+    kind None: `layer` is the restored block; its output differs from the corrupted run only at
+    token t. mlp/attn: `layer` is the window's first layer lo, where only position t changes too
+    (the later positions still see the corrupted inputs of layer lo), so lo costs one position
+    (attn) or nothing (mlp)."""
+    x = cache["output"][layer][1:, t:].clone()
     if kind is None:
-        x = cache["output"][layer][1:, t:].clone()
         x[:, 0] = cache["output"][layer][0, t]
-        return x, layer + 1
-    lo = _window(kind, layer, window, mt.n_layers).start
-    x = cache["output"][lo][1:, t:].clone()
-    if kind == "mlp":
-        h = cache["input"][lo][1:, t] + cache["attn"][lo][1:, t]
-        x[:, 0] = h + cache["mlp"][lo][0, t]
+    elif kind == "mlp":
+        h = cache["input"][layer][1:, t] + cache["attn"][layer][1:, t]
+        x[:, 0] = h + cache["mlp"][layer][0, t]
     else:
-        block = mt.model.transformer.h[lo]
-        h = cache["input"][lo][1:, t] + cache["attn"][lo][0, t]
+        block = mt.model.transformer.h[layer]
+        h = cache["input"][layer][1:, t] + cache["attn"][layer][0, t]
         x[:, 0] = h + block.mlp(block.ln_2(h))
-    return x, lo + 1
+    return x
 
 
 @torch.no_grad()
@@ -343,11 +341,11 @@ def _restore_token(mt, cache, kind, t, sites, window, answer_id, S):
     runs all branches as one batch of S rows per branch."""
     tr, L = mt.model.transformer, mt.n_layers
     windows = [_window(kind, l, window, L) for _, l in sites]
-    starts = {}                          # sites that start in the same state: same key
+    starts = {}                          # first changed layer -> sites (all in the same state)
     for i, (_, l) in enumerate(sites):
         starts.setdefault(windows[i].start if kind else l, []).append(i)
-    entering = [(*_first_changed_state(mt, cache, kind, t, sites[m[0]][1], window), m)
-                for m in starts.values()]          # (state, first layer to run, site indices)
+    entering = [(_first_changed_state(mt, cache, kind, t, layer), layer + 1, m)
+                for layer, m in starts.items()]    # (state, first layer to run, site indices)
     branches = []                        # (state [S, T - t, d], site indices)
     for layer in range(L):
         branches += [(x, m) for x, first, m in entering if first == layer]
