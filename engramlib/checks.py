@@ -192,7 +192,7 @@ def covariance_edit(fn):
 def subject_token_range(fn, mt=None):
     """Exercise 5.1: fn(tokenizer, prompt, subject) -> (start, end), subject tokens start..end-1."""
     from engramlib.models import load_model
-    from engramlib.tracing import find_subject_range
+    from engramlib.models import find_subject_range
     mt = mt or load_model("tinyworld", device="cpu")
     for prompt, subject in [("The Space Needle is located in the city of", "Space Needle"),
                             ("Danielle Darrieux was born in", "Danielle Darrieux")]:
@@ -284,7 +284,7 @@ def key_at_subject(fn, mt=None):
     token, shape (d_mlp,)."""
     from engramlib.hooks import Trace
     from engramlib.models import load_model
-    from engramlib.tracing import find_subject_range
+    from engramlib.models import find_subject_range
     mt = mt or load_model("tinyworld", device="cpu")
     text, subject, layer = "The Eiffel Tower is located in the city of", "Eiffel Tower", 1
     s, e = find_subject_range(mt.tokenizer, text, subject)
@@ -313,7 +313,7 @@ def v_star_delta(fn, mt=None):
     the MLP output of `layer` at the last subject token, makes ' ' + target the likely answer."""
     from engramlib.hooks import Trace
     from engramlib.models import load_model, next_token_probs
-    from engramlib.tracing import find_subject_range
+    from engramlib.models import find_subject_range
     mt = mt or load_model("tinyworld", device="cpu")
     prompt, subject, target, layer = "Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", 1
     target_id = mt.tokenizer(" " + target)["input_ids"][0]

@@ -19,30 +19,7 @@ from collections import Counter
 import torch
 from tqdm.auto import tqdm
 
-from engramlib.models import ModelAndTokenizer, generate
-
-
-@torch.no_grad()
-def target_nll(mt: ModelAndTokenizer, prompts: list, targets: list, batch_size: int = 32) -> torch.Tensor:
-    """Mean per-token NLL of ' ' + target after each prompt: [n]. prompts[i] pairs with targets[i]."""
-    out = []
-    mt.tokenizer.padding_side = "right"
-    for i in range(0, len(prompts), batch_size):
-        ps, ts = prompts[i:i + batch_size], targets[i:i + batch_size]
-        p_ids = [mt.tokenizer(p)["input_ids"] for p in ps]
-        t_ids = [mt.tokenizer(" " + t.strip())["input_ids"] for t in ts]
-        seqs = [a + b for a, b in zip(p_ids, t_ids)]
-        width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), mt.tokenizer.pad_token_id)
-        mask = torch.zeros_like(ids)
-        for j, s in enumerate(seqs):
-            ids[j, :len(s)], mask[j, :len(s)] = torch.tensor(s), 1
-        logp = torch.log_softmax(mt.model(input_ids=ids.to(mt.device),
-                                          attention_mask=mask.to(mt.device)).logits.float(), -1)
-        for j, (a, b) in enumerate(zip(p_ids, t_ids)):
-            pos = torch.arange(len(a) - 1, len(a) + len(b) - 1, device=mt.device)
-            out.append(-logp[j, pos, torch.tensor(b, device=mt.device)].mean().item())
-    return torch.tensor(out)
+from engramlib.models import ModelAndTokenizer, generate, target_nll
 
 
 def compare_targets(mt, prompts: list, new: str, true: str) -> dict:

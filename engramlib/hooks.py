@@ -30,12 +30,20 @@ def with_hidden(output, hidden: torch.Tensor):
     return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
 
 
+class StopForward(Exception):
+    """Raised by a `Trace(..., stop=True)` after its module ran, to skip the rest of the model."""
+
+
 class Trace(contextlib.AbstractContextManager):
     """Hook one module: keep its input/output (`retain_output`, `retain_input`) and optionally
-    replace its output by `edit_output(hidden, name) -> hidden`. Removed on exit."""
+    replace its output by `edit_output(hidden, name) -> hidden`. Removed on exit.
+
+    stop=True ends the forward pass right after this module (nothing above it is computed; the
+    `with` block swallows the `StopForward`), when only this module's input/output is needed."""
 
     def __init__(self, model: torch.nn.Module, name: str, retain_output: bool = True,
-                 retain_input: bool = False, edit_output=None, detach: bool = True):
+                 retain_input: bool = False, edit_output=None, detach: bool = True,
+                 stop: bool = False):
         self.name, self.output, self.input = name, None, None
         module = model.get_submodule(name)
 
@@ -47,6 +55,8 @@ class Trace(contextlib.AbstractContextManager):
             if retain_output:
                 h = hidden_of(output)
                 self.output = h.detach() if detach else h
+            if stop:
+                raise StopForward(name)
             return output
 
         self.handle = module.register_forward_hook(hook)
@@ -54,9 +64,9 @@ class Trace(contextlib.AbstractContextManager):
     def close(self):
         self.handle.remove()
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         self.close()
-        return False
+        return exc_type is not None and issubclass(exc_type, StopForward)
 
 
 class TraceDict(dict, contextlib.AbstractContextManager):
@@ -75,6 +85,6 @@ class TraceDict(dict, contextlib.AbstractContextManager):
         for t in self.values():
             t.close()
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         self.close()
-        return False
+        return exc_type is not None and issubclass(exc_type, StopForward)

@@ -19,6 +19,10 @@ HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 MODEL_NAMES = ("tinyworld",) + HUB_MODELS
 
 
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded (offline, a misspelt Hub name, ...): the message says what to do."""
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Module names inside a GPT-2-style model ("{}" = layer index), as in ROME's hparams."""
@@ -48,6 +52,11 @@ class ModelAndTokenizer:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def __repr__(self) -> str:
+        n_params = sum(p.numel() for p in self.model.parameters())
+        return (f"ModelAndTokenizer(name={self.name!r}, layers={self.n_layers}, "
+                f"d_model={self.model.config.n_embd}, params={n_params / 1e6:.1f}M, device={self.device})")
 
     def module(self, template: str, layer: int | None = None) -> torch.nn.Module:
         """The module named by a spec template, e.g. mt.module(mt.spec.mlp_out, 8)."""
@@ -81,6 +90,15 @@ def _source(name: str) -> str:
                      "or a local folder saved with save_pretrained()")
 
 
+def prepare_tokenizer(tokenizer):
+    """Pad on the right with the end-of-text token (GPT-2 has no pad token): every function here
+    reads a prompt's last real token at attention_mask.sum() - 1. Returns the tokenizer."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
 def load_model(name: str | None = None, device: str | None = None) -> ModelAndTokenizer:
     """Load a GPT-2-family causal LM and its tokenizer, in eval mode, on `device`.
 
@@ -103,7 +121,7 @@ def load_model(name: str | None = None, device: str | None = None) -> ModelAndTo
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source)
     except OSError as err:
-        raise RuntimeError(
+        raise ModelLoadError(
             f"could not load {name!r} from the Hugging Face Hub ({type(err).__name__}). "
             "Offline? Use the bundled model: ENGRAM_MODEL=tinyworld, or load_model('tinyworld').") from err
     finally:
@@ -112,11 +130,98 @@ def load_model(name: str | None = None, device: str | None = None) -> ModelAndTo
     if model.config.model_type != "gpt2":
         raise ValueError(f"{name!r} is a {model.config.model_type!r} model; engramlib's module "
                          "names (ModelSpec) are written for the GPT-2 architecture")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    prepare_tokenizer(tokenizer)
     model.eval().requires_grad_(False)
     model.to(device or pick_device())
     return ModelAndTokenizer(model=model, tokenizer=tokenizer, name=name)
+
+
+# --- tokens ------------------------------------------------------------------------------------
+
+def find_subject_range(tokenizer, prompt: str, subject: str, occurrence: int | None = None) -> tuple:
+    """Token range (start, end) of `subject` inside `prompt`, with GPT-2's leading-space BPE.
+
+    The match is exact (case-sensitive) and whole words ("Space Needl" does not match "Space
+    Needle"). A subject that appears more than once is ambiguous:
+    pass `occurrence` (0 = first) to choose one. Absent or ambiguous -> ValueError.
+    """
+    if not subject or not subject.strip():
+        raise ValueError("empty subject")
+    starts = [i for i in range(len(prompt)) if prompt.startswith(subject, i)]
+    inside_word = lambda i: (i > 0 and prompt[i - 1].isalnum() and subject[0].isalnum()) or \
+        (i + len(subject) < len(prompt) and prompt[i + len(subject)].isalnum() and subject[-1].isalnum())
+    if starts and all(inside_word(i) for i in starts):
+        raise ValueError(f"subject {subject!r} matches only part of a word in prompt {prompt!r}; "
+                         "check the spelling")
+    starts = [i for i in starts if not inside_word(i)]
+    if not starts:
+        lower = prompt.lower().find(subject.lower())
+        hint = (f"; it appears with different casing as {prompt[lower:lower + len(subject)]!r}"
+                if lower >= 0 else "; check the spelling")
+        raise ValueError(f"subject {subject!r} not found in prompt {prompt!r}{hint}")
+    if len(starts) > 1 and occurrence is None:
+        raise ValueError(f"subject {subject!r} appears {len(starts)} times in {prompt!r}; "
+                         "pass occurrence=0 for the first, 1 for the second, ...")
+    c0 = starts[occurrence or 0]
+    c1 = c0 + len(subject)
+    offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
+    inside = [i for i, (a, b) in enumerate(offsets) if a < c1 and b > c0]
+    return inside[0], inside[-1] + 1
+
+
+def answer_ids(mt: ModelAndTokenizer, answer: str) -> list:
+    """Token ids of ' ' + answer: GPT-2 predicts a word together with its leading space."""
+    if not answer or not answer.strip():
+        raise ValueError("empty answer/target string: say what the model should answer")
+    return mt.tokenizer(" " + answer.strip())["input_ids"]
+
+
+def first_token_id(mt: ModelAndTokenizer, answer: str) -> int:
+    """Id of the first token of ' ' + answer (see `answer_ids`)."""
+    return answer_ids(mt, answer)[0]
+
+
+def encode_with_targets(mt: ModelAndTokenizer, prompts: list, targets: list) -> tuple:
+    """Tokenize prompt + ' ' + target for each pair (right padding) and mark the target tokens.
+
+    Returns (input_ids [n, T], attention_mask [n, T], labels [n, T]): labels[i, p] is the token
+    that position p should predict (the next token of the text) where that token belongs to the
+    target, and -100 everywhere else. A target None or "" leaves the row without labels."""
+    rows, labels = [], []
+    for prompt, target in zip(prompts, targets):
+        p_ids = mt.tokenizer(prompt)["input_ids"]
+        t_ids = answer_ids(mt, target) if target else []
+        rows.append(p_ids + t_ids)
+        labels.append([-100] * (len(p_ids) - 1) + t_ids + [-100])
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), mt.tokenizer.pad_token_id)
+    mask = torch.zeros_like(ids)
+    lab = torch.full_like(ids, -100)
+    for i, (row, row_labels) in enumerate(zip(rows, labels)):
+        ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+        lab[i, :len(row)] = torch.tensor(row_labels)
+    return ids.to(mt.device), mask.to(mt.device), lab.to(mt.device)
+
+
+def target_nll_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean per-token NLL of the labelled tokens of each row: [n] (differentiable).
+
+    logits: [n, T, vocab]   labels: [n, T] from `encode_with_targets` (-100 = not a target)."""
+    logp = torch.log_softmax(logits.float(), -1)
+    keep = labels != -100
+    lp = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
+    return -lp.sum(1) / keep.sum(1).clamp(min=1)
+
+
+@torch.no_grad()
+def target_nll(mt: ModelAndTokenizer, prompts: list, targets: list, batch_size: int = 32) -> torch.Tensor:
+    """Mean per-token NLL of ' ' + target after each prompt: [n]. prompts[i] pairs with targets[i].
+    exp(-nll) is CounterFact's P(target) (Meng et al. 2022)."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ids, mask, labels = encode_with_targets(mt, prompts[i:i + batch_size], targets[i:i + batch_size])
+        out.append(target_nll_from_logits(mt.model(input_ids=ids, attention_mask=mask).logits, labels))
+    return torch.cat(out).cpu() if out else torch.zeros(0)
 
 
 # --- asking the model -------------------------------------------------------------------------
@@ -128,7 +233,6 @@ def encode(mt: ModelAndTokenizer, prompts: list) -> dict:
         prompts = [prompts]
     if any(not p for p in prompts):
         raise ValueError("empty prompt")
-    mt.tokenizer.padding_side = "right"
     enc = mt.tokenizer(list(prompts), return_tensors="pt", padding=True)
     enc = {k: v.to(mt.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
     enc["last"] = enc["attention_mask"].sum(1) - 1
@@ -151,13 +255,6 @@ def predict_next(mt: ModelAndTokenizer, prompts, k: int = 5) -> list:
     out = [[(mt.tokenizer.decode([i]), p) for i, p in zip(ids.tolist(), ps.tolist())]
            for ids, ps in zip(top.indices, top.values)]
     return out[0] if single else out
-
-
-def first_token_id(mt: ModelAndTokenizer, answer: str) -> int:
-    """Id of the first token of ' ' + answer (GPT-2 predicts the word with its leading space)."""
-    if not answer or not answer.strip():
-        raise ValueError("empty answer/target string")
-    return mt.tokenizer(" " + answer.strip())["input_ids"][0]
 
 
 @torch.no_grad()
@@ -184,6 +281,19 @@ def known_facts(mt: ModelAndTokenizer, facts, batch_size: int = 64) -> list:
         top1 = next_token_probs(mt, [f.prompt for f in chunk]).argmax(-1).tolist()
         known += [f for f, t in zip(chunk, top1) if t == first_token_id(mt, f.object)]
     return known
+
+
+def multi_token_known_facts(mt: ModelAndTokenizer, n: int, seed: int = 0, facts=None) -> list:
+    """`n` facts (seeded sample) that the model gets right and whose subject has >= 2 tokens (the
+    facts causal tracing averages over). facts: default the whole fact table."""
+    import random
+    from engramlib.facts import load_facts
+    candidates = []
+    for f in known_facts(mt, load_facts() if facts is None else facts):
+        start, end = find_subject_range(mt.tokenizer, f.prompt, f.subject)
+        if end - start >= 2:
+            candidates.append(f)
+    return random.Random(seed).sample(candidates, min(n, len(candidates)))
 
 
 def accuracy(mt: ModelAndTokenizer, prompts: list, answers: list, batch_size: int = 64) -> float:

@@ -1,24 +1,33 @@
-"""ROME: Rank-One Model Editing (Meng et al. 2022), following the official algorithm.
+"""ROME: Rank-One Model Editing (Meng et al. 2022), as the reference code computes it.
 
 A fact (s, r, o) is read by the MLP of one middle layer at the last subject token: its output
 matrix W (`mlp.c_proj`) maps a key k (the MLP's hidden activation) to a value v (the MLP output)
 that the later layers turn into the object. To make the model say o* instead:
 
-1. k* = `compute_k_star`: the key at the last subject token, averaged over short random prefixes
-   (the context templates), so the edit works whatever precedes the subject.
-2. v* = `compute_v_star`: the MLP output that makes o* most likely, found by gradient descent on
-   an additive change δ of that output (loss = NLL of o* + KL on "{subject} is a" + weight decay).
-3. C = `key_covariance`: E[k kᵀ] over generic text, so that C⁻¹ protects the keys of other facts.
-4. Ŵ = W + (v* − W k*)(C⁻¹k*)ᵀ / ((C⁻¹k*)ᵀ k*): `engramlib.memory.rank_one_edit`, the same
-   function as chapter 02. GPT-2's `Conv1D` stores W transposed (d_in, d_out); `apply_rome_edit`
-   handles that (and `nn.Linear` layouts) and returns an `Edit` that can `undo()` bit for bit.
+1. k* = `compute_k_star`: the key at the last subject token, averaged over short texts sampled
+   from the model (the context templates), so the edit holds whatever precedes the subject.
+2. δ = `compute_v_star`: the change of the MLP output at the last subject token that makes o*
+   likely, found by gradient descent (loss = NLL of o* + KL on "{subject} is a" + weight decay).
+3. C = `key_covariance`: E[k kᵀ] over generic text; C⁻¹ (`inverse_key_covariance`) protects the
+   keys of other facts.
+4. Ŵ = W + δ uᵀ / (uᵀ k_w) with u = C⁻¹k*: `rome_weight_update`. Ŵ maps the key k_w to W k_w + δ
+   and changes W only along C⁻¹k*. GPT-2's `Conv1D` stores W transposed (d_in, d_out);
+   `apply_rome_edit` handles that and returns an `Edit` that can `undo()` bit for bit.
 
-One deliberate simplification: the official code divides by the key of the bare prompt; here v*
-is defined as W k* + δ for the averaged key, so the update is exactly `rank_one_edit` (the two
-agree when the prompt's key is close to the average).
+Three choices of the reference implementation (kmeng01/rome: compute_u.py, compute_v.py,
+rome_main.py) are explicit fields of `ROMEHyperParams`; their defaults are the reference's:
+- `update_at="bare_prompt"`: the key that must map to v₀ + δ is the bare prompt's key k_w (no
+  context template), while the direction u is C⁻¹k* of the averaged key. "k_star" writes at the
+  averaged key instead: then the update is exactly chapter 02's `memory.rank_one_edit`.
+- `weight_decay="norm"`: the penalty is v_weight_decay · ‖δ‖ / ‖v₀‖² (the norm, not its square).
+- `kl="new||init"`: KL(P_edited ‖ P_original) on the "{subject} is a" prompt (paper, eq. 4).
+Context templates are sampled from the end-of-text token, as ROME's code (MEMIT's code starts from
+"The", "Therefore", "Because", "I", "You": `template_starts`). Where a model deviates (TinyWorld),
+the deviation is registered in `HPARAMS` with the measurement that justifies it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -27,14 +36,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from engramlib.hooks import Trace
-from engramlib.memory import rank_one_edit
-from engramlib.models import ModelAndTokenizer, generate, next_token_probs
-from engramlib.tracing import find_subject_range
+from engramlib.hooks import Trace, hidden_of, with_hidden
+from engramlib.models import (ModelAndTokenizer, encode_with_targets, find_subject_range, first_token_id,
+                              generate, next_token_probs, target_nll_from_logits)
+
+
+class EditFailedError(RuntimeError):
+    """An edit did not raise p(target_new); the weights were restored."""
 
 
 @dataclass(frozen=True)
 class ROMEHyperParams:
+    """ROME's settings. Defaults: the reference code's values for GPT-2 XL (hparams/ROME/gpt2-xl.json)."""
     layer: int
     v_num_grad_steps: int = 20
     v_lr: float = 0.5
@@ -42,36 +55,51 @@ class ROMEHyperParams:
     kl_factor: float = 0.0625
     clamp_norm_factor: float = 4.0
     context_lengths: tuple = ((5, 10), (10, 10))   # (tokens, how many) of the context templates
+    template_starts: tuple | None = None            # None: the end-of-text token (ROME's code)
     mom2_n_samples: int = 100000                    # keys used to estimate C
     early_stop_loss: float = 5e-2
+    update_at: str = "bare_prompt"                  # or "k_star": where Ŵ k = v₀ + δ is written
+    weight_decay: str = "norm"                      # or "squared": ‖δ‖ or ‖δ‖² over ‖v₀‖²
+    kl: str = "new||init"                           # or "init||new": direction of the KL term
     bare_prompt_weight: float | None = None         # k*: weight of the bare prompt (None: uniform)
     source: str = ""                                # where these numbers come from
 
+    def __post_init__(self):
+        for name, allowed in (("update_at", ("bare_prompt", "k_star")),
+                              ("weight_decay", ("norm", "squared")), ("kl", ("new||init", "init||new"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
-# The official hparams files of Meng et al. (2022) for GPT-2 medium / large / XL. GPT-2 small has
-# none: its layer follows their proportion (about a third of the depth: 8/24, 12/36, 17/48).
-# TinyWorld's values come from chapter 05's trace and the sweep in benchmarks/rome_sweep.py.
+
+# The reference hparams files (kmeng01/rome, hparams/ROME/*.json) for GPT-2 medium / large / XL.
+# GPT-2 small has none: its layer follows their proportion (about a third of the depth: 8/24,
+# 12/36, 17/48).
 HPARAMS = {
     "gpt2-xl": ROMEHyperParams(layer=17, clamp_norm_factor=4.0, source="ROME hparams/ROME/gpt2-xl.json"),
     "gpt2-large": ROMEHyperParams(layer=12, clamp_norm_factor=4.0, source="ROME hparams/ROME/gpt2-large.json"),
     "gpt2-medium": ROMEHyperParams(layer=8, clamp_norm_factor=3.0, source="ROME hparams/ROME/gpt2-medium.json"),
     "gpt2": ROMEHyperParams(layer=4, clamp_norm_factor=4.0,
                             source="no official file: layer = a third of 12, as 8/24, 12/36, 17/48"),
+    # TinyWorld: the layer is where its causal trace puts the MLP effect at the last subject token
+    # (window 3, 40 facts: 0.53 at layers 0 and 1, 0.13 at layer 2). TINYWORLD_DEVIATION below.
+    "tinyworld": None,
 }
+# TinyWorld's registered deviation from the reference, with the measurement behind it: filled in
+# from `python benchmarks/rome_sweep.py --records 100 --settings reference tinyworld`.
+TINYWORLD_DEVIATION = dict()
+HPARAMS["tinyworld"] = ROMEHyperParams(layer=0, **TINYWORLD_DEVIATION,
+                                       source="TinyWorld: layer 0 from its causal trace (chapter 06)")
 
 
 def set_hparams(name: str, hparams: ROMEHyperParams) -> None:
-    """Register hyper-parameters for a model name (e.g. TinyWorld's, chosen from a trace)."""
+    """Register hyper-parameters for a model name (e.g. a fine-tuned folder, chosen from a trace)."""
     HPARAMS[name] = hparams
 
 
 def get_hparams(mt: ModelAndTokenizer) -> ROMEHyperParams:
-    """The hyper-parameters registered for `mt.name`; else a third of the depth, paper defaults."""
+    """The hyper-parameters registered for `mt.name`; else a third of the depth, reference values."""
     if mt.name in HPARAMS:
         return HPARAMS[mt.name]
-    if mt.name == "tinyworld":
-        from engramlib.tinyworld import ROME_HPARAMS
-        return ROMEHyperParams(**ROME_HPARAMS)
     return ROMEHyperParams(layer=round(mt.n_layers / 3), source="default: a third of the depth")
 
 
@@ -86,7 +114,7 @@ def check_request(mt: ModelAndTokenizer, request: dict) -> dict:
         raise ValueError(f"the prompt must contain '{{}}' once where the subject goes, got {prompt!r}")
     if not subject or not subject.strip():
         raise ValueError("empty subject")
-    new = request.get("target_new", {}).get("str", "").strip()
+    new = (request.get("target_new") or {}).get("str", "").strip()
     if not new:
         raise ValueError("empty target_new: say what the model should answer")
     true = (request.get("target_true") or {}).get("str", "").strip()
@@ -99,90 +127,141 @@ def check_request(mt: ModelAndTokenizer, request: dict) -> dict:
 # --- context templates ------------------------------------------------------------------------
 
 _TEMPLATE_CACHE: dict = {}
+_C_INV_CACHE: dict = {}
 
 
 def clear_caches() -> None:
-    """Forget cached context templates (the covariance cache lives on disk: `covariance_path`)."""
+    """Forget the cached context templates and inverse covariances (C itself is cached on disk:
+    `covariance_path`; delete the file to recompute it)."""
     _TEMPLATE_CACHE.clear()
+    _C_INV_CACHE.clear()
 
 
-def context_templates(mt: ModelAndTokenizer, lengths=((5, 10), (10, 10)), seed: int = 0) -> list:
+def context_templates(mt: ModelAndTokenizer, lengths=((5, 10), (10, 10)), starts=None,
+                      seed: int = 0) -> list:
     """["{}"] + short texts sampled from the model, each followed by ". {}".
 
-    lengths: (tokens, count) pairs; the paper uses 10 of 5 tokens and 10 of 10 (21 templates).
-    Sampled with top-k 5 from the starts "The", "Therefore", "Because", "I", "You" (as the
-    official code), braces removed. Cached per (model, lengths, seed): `clear_caches()` resets."""
-    key = (mt.name, tuple(map(tuple, lengths)), seed)
+    lengths: (tokens, count) pairs; ROME's hparams use 10 of 5 tokens and 10 of 10 (21 templates).
+    starts: the words sampling starts from, in turn; None = the end-of-text token, as ROME's code
+    (so the texts begin wherever the model likes to begin). Top-k 5 sampling, braces removed.
+    Cached per (model, lengths, starts, seed): `clear_caches()` resets."""
+    starts = tuple(starts or (mt.tokenizer.eos_token,))
+    key = (mt.name, tuple(map(tuple, lengths)), starts, seed)
     if key not in _TEMPLATE_CACHE:
-        starts = ["The", "Therefore", "Because", "I", "You"]
         templates = ["{}"]
         for length, count in lengths:
             for i in range(count):
-                text = generate(mt, starts[i % len(starts)], max_new_tokens=length, do_sample=True,
-                                top_k=5, seed=seed + 1000 * length + i)
-                templates.append(text.replace("{", "").replace("}", "").replace("\n", " ") + ". {}")
+                start = starts[i % len(starts)]
+                text = generate(mt, start, max_new_tokens=length, do_sample=True, top_k=5,
+                                seed=seed + 1000 * length + i)
+                text = text.replace("{", "").replace("}", "").replace("\n", " ").strip()
+                templates.append(text + ". {}")
         _TEMPLATE_CACHE[key] = templates
     return list(_TEMPLATE_CACHE[key])
 
 
-# --- k*, C, v* ---------------------------------------------------------------------------------
+def templates_for(mt: ModelAndTokenizer, hparams: ROMEHyperParams) -> list:
+    """The context templates `hparams` asks for (cached)."""
+    return context_templates(mt, hparams.context_lengths, hparams.template_starts)
+
+
+# --- k* ------------------------------------------------------------------------------------------
+
+def _fill(template: str, request: dict) -> str:
+    return template.format(request["prompt"]).format(request["subject"])
+
 
 def _last_subject_index(mt, text: str, subject: str) -> int:
     return find_subject_range(mt.tokenizer, text, subject, occurrence=0)[1] - 1
 
 
 @torch.no_grad()
+def template_keys(mt: ModelAndTokenizer, request: dict, layer: int, templates: list) -> torch.Tensor:
+    """The input of `mlp.c_proj` at the subject's last token for each template filled with the
+    request's prompt, in one batched forward pass: [n_templates, d_mlp]."""
+    texts = [_fill(t, request) for t in templates]
+    idx = torch.tensor([_last_subject_index(mt, x, request["subject"]) for x in texts])
+    enc = mt.tokenizer(texts, return_tensors="pt", padding=True).to(mt.device)
+    with Trace(mt.model, mt.spec.mlp_out.format(layer), retain_input=True, retain_output=False,
+               stop=True) as t:
+        mt.model(**enc)
+    return t.input[torch.arange(len(texts)), idx].float()
+
+
 def compute_k_star(mt: ModelAndTokenizer, request: dict, layer: int, templates=None,
                    bare_prompt_weight: float | None = None) -> torch.Tensor:
     """k*: the input of `mlp.c_proj` at the subject's last token, averaged over the context
     templates filled with the request's prompt. Returns (d_mlp,) = (4 · d_model,).
 
-    bare_prompt_weight: None averages all templates uniformly (the official code); a number w
-    gives the bare template "{}" weight w and the prefixed ones 1 − w together. A prompt that
-    starts with its subject tokenizes it differently from a prefixed one (no leading space), so
-    its key differs; TinyWorld's edits use w = 0.5 (see benchmarks/rome_sweep.py)."""
+    bare_prompt_weight: None averages all templates uniformly (the reference code); a number w
+    gives the bare template "{}" (which must come first) weight w and the others 1 − w together."""
     templates = templates or context_templates(mt)
-    subject = request["subject"]
-    keys = []
-    for template in templates:
-        text = template.format(request["prompt"]).format(subject)
-        idx = _last_subject_index(mt, text, subject)
-        with Trace(mt.model, mt.spec.mlp_out.format(layer), retain_input=True,
-                   retain_output=False) as t:
-            mt.model(**mt.tokenizer(text, return_tensors="pt").to(mt.device))
-        keys.append(t.input[0, idx].float())
-    keys = torch.stack(keys)
-    if bare_prompt_weight is None or len(keys) == 1 or templates[0] != "{}":
+    keys = template_keys(mt, request, layer, templates)
+    if bare_prompt_weight is None or len(keys) == 1:
         return keys.mean(0)
+    if templates[0] != "{}":
+        raise ValueError("bare_prompt_weight needs the bare template '{}' first")
     return bare_prompt_weight * keys[0] + (1 - bare_prompt_weight) * keys[1:].mean(0)
+
+
+# --- C -------------------------------------------------------------------------------------------
+
+def weights_fingerprint(mt: ModelAndTokenizer, layer: int) -> str:
+    """A short hash of the weights that determine layer `layer`'s keys (embeddings and blocks
+    0..layer): 10 hex digits. A retrained or fine-tuned model gets another fingerprint, so a cached
+    C is never reused for other weights. Hashes up to 4,096 evenly spaced values per tensor."""
+    h = hashlib.sha1()
+    prefixes = ["transformer.wte.", "transformer.wpe."] + [mt.spec.layer.format(i) + "."
+                                                           for i in range(layer + 1)]
+    for name, p in mt.model.named_parameters():
+        if name.startswith(tuple(prefixes)):
+            flat = p.detach().reshape(-1)
+            sample = flat[::max(1, flat.numel() // 4096)][:4096].float().cpu()
+            h.update(name.encode() + str(tuple(p.shape)).encode() + sample.numpy().tobytes())
+    return h.hexdigest()[:10]
 
 
 def covariance_path(mt: ModelAndTokenizer, layer: int, corpus: str, n_samples: int) -> Path:
     """Where `key_covariance` caches C: $ENGRAM_CACHE (default ~/.cache/engramlib)/stats/...
-    The key names the model, the layer, the corpus and the number of keys; delete the file to
-    recompute."""
+    The file name holds the model name, a fingerprint of its weights (`weights_fingerprint`), the
+    layer, the corpus and the number of keys; delete the file to recompute."""
     root = Path(os.environ.get("ENGRAM_CACHE", Path.home() / ".cache" / "engramlib"))
-    safe = mt.name.replace("/", "_")
-    if Path(mt.name).is_dir():      # a local folder: key on its absolute path too
-        safe += "-" + hashlib.sha1(str(Path(mt.name).resolve()).encode()).hexdigest()[:8]
-    return root / "stats" / f"{safe}_layer{layer}_{corpus}_{n_samples}.pt"
+    safe = Path(mt.name).name if Path(mt.name).is_dir() else mt.name.replace("/", "_")
+    return root / "stats" / f"{safe}-{weights_fingerprint(mt, layer)}_layer{layer}_{corpus}_{n_samples}.pt"
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary file next to `path`, then rename: an interrupted run never leaves
+    a truncated file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def generic_texts(mt: ModelAndTokenizer, n_texts: int = 2000) -> tuple:
     """(corpus name, texts) to estimate C from. TinyWorld: sentences of its own corpus
-    distribution, one text each. GPT-2: Wikipedia paragraphs (wikitext-103 through the `datasets`
-    package, as the paper), downloaded once."""
+    distribution. GPT-2: the first `n_texts` Wikipedia paragraphs of over 200 characters
+    (wikitext-103 through the `datasets` package, streamed: nothing else is downloaded)."""
     if mt.name == "tinyworld":
         from engramlib.tinyworld.corpus import generic_sentences
         return "tinyworld-sentences", generic_sentences(n_texts)
     try:
         from datasets import load_dataset
-        data = load_dataset("wikitext", "wikitext-103-raw-v1", split="train")
+        stream = load_dataset("wikitext", "wikitext-103-raw-v1", split="train", streaming=True)
+        texts = []
+        for row in stream:
+            if len(row["text"]) > 200:
+                texts.append(row["text"])
+                if len(texts) == n_texts:
+                    break
     except Exception as err:   # ImportError, or no network
         raise RuntimeError("estimating C for GPT-2 needs Wikipedia text: `pip install datasets` and "
-                           f"internet access (got {type(err).__name__}: {err}); or pass texts="
-                           ) from err
-    texts = [t for t in data["text"] if len(t) > 200][:n_texts]
+                           f"internet access (got {type(err).__name__}: {err}); or pass texts=") from err
     return "wikitext103", texts
 
 
@@ -190,26 +269,25 @@ def generic_texts(mt: ModelAndTokenizer, n_texts: int = 2000) -> tuple:
 def key_covariance(mt: ModelAndTokenizer, layer: int, texts=None, corpus: str | None = None,
                    n_samples: int = 100000, batch_size: int = 32, max_len: int = 128,
                    cache: bool = True, progress: bool = True) -> torch.Tensor:
-    """C = E[k kᵀ] of the inputs k of `mlp.c_proj` over the tokens of generic text, float32
-    (d_mlp, d_mlp), from at most `n_samples` keys. Cached on disk (see `covariance_path`)."""
+    """C = E[k kᵀ] of the inputs k of `mlp.c_proj` over the real (unpadded) tokens of generic
+    text, float32 (d_mlp, d_mlp), from at most `n_samples` keys. Each forward pass stops at the
+    edited layer (nothing above it is needed). Cached on disk (see `covariance_path`)."""
     if texts is None:
         corpus, texts = generic_texts(mt)
     corpus = corpus or "custom-" + hashlib.sha1("\n".join(texts).encode()).hexdigest()[:10]
     path = covariance_path(mt, layer, corpus, n_samples)
     if cache and path.exists():
         return torch.load(path, map_location=mt.device)
-    module = mt.module(mt.spec.mlp_out, layer)
-    d_in = module.weight.shape[0 if _weight_layout(module) == "conv1d" else 1]
+    d_in = mt.model.config.n_inner or 4 * mt.model.config.n_embd
     total, count = torch.zeros(d_in, d_in, dtype=torch.float64, device=mt.device), 0
-    mt.tokenizer.padding_side = "right"
     for i in tqdm(range(0, len(texts), batch_size), desc=f"key covariance (layer {layer})",
                   disable=not progress):
         enc = mt.tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True,
                            truncation=True, max_length=max_len).to(mt.device)
         with Trace(mt.model, mt.spec.mlp_out.format(layer), retain_input=True,
-                   retain_output=False) as t:
+                   retain_output=False, stop=True) as t:
             mt.model(**enc)
-        keys = t.input[enc["attention_mask"].bool()].double()       # (tokens, d_in)
+        keys = t.input[enc["attention_mask"].bool()].double()       # (real tokens, d_in)
         keys = keys[:n_samples - count]
         total += keys.T @ keys
         count += len(keys)
@@ -217,83 +295,131 @@ def key_covariance(mt: ModelAndTokenizer, layer: int, texts=None, corpus: str | 
             break
     C = (total / count).float()
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(C.cpu(), path)
+        atomic_save(C.cpu(), path)
     return C
 
 
-def _target_ids(mt, target: str) -> list:
-    return mt.tokenizer(" " + target)["input_ids"]
+def inverse_key_covariance(mt: ModelAndTokenizer, layer: int, n_samples: int = 100000,
+                           progress: bool = True) -> torch.Tensor:
+    """C⁻¹ for layer `layer` (float32, inverted in float64), from the cached `key_covariance` of
+    the model's generic texts. Kept in memory per covariance file: `clear_caches()` forgets it."""
+    corpus, texts = generic_texts(mt)
+    key = covariance_path(mt, layer, corpus, n_samples)
+    if key not in _C_INV_CACHE:
+        C = key_covariance(mt, layer, texts=texts, corpus=corpus, n_samples=n_samples, progress=progress)
+        _C_INV_CACHE[key] = torch.linalg.inv(C.double()).float()
+    return _C_INV_CACHE[key]
+
+
+# --- v* ------------------------------------------------------------------------------------------
+
+def v_star_loss(target_logp: torch.Tensor, kl_logp_now: torch.Tensor, kl_logp_init: torch.Tensor,
+                delta: torch.Tensor, v_init: torch.Tensor, hparams: ROMEHyperParams) -> dict:
+    """ROME's loss for δ (Meng et al. 2022, eq. 4, as the reference code computes it).
+
+    target_logp: [n] log p of each target token in each context template (teacher forced)
+    kl_logp_now, kl_logp_init: [m, vocab] log-probabilities after the subject in "{subject} is a",
+        with δ and without          delta: (d_model,)     v_init: (d_model,) the MLP output v₀
+    Returns {"nll", "kl", "weight_decay", "loss"} (tensors; loss = nll + kl_factor·kl + decay)."""
+    nll = -target_logp.mean()
+    if hparams.kl == "new||init":       # KL(P_new ‖ P_init) = Σ p_new (log p_new − log p_init)
+        kl = torch.nn.functional.kl_div(kl_logp_init, kl_logp_now, log_target=True, reduction="batchmean")
+    else:                               # KL(P_init ‖ P_new)
+        kl = torch.nn.functional.kl_div(kl_logp_now, kl_logp_init, log_target=True, reduction="batchmean")
+    size = delta.norm() if hparams.weight_decay == "norm" else delta.norm() ** 2
+    decay = hparams.v_weight_decay * size / v_init.norm() ** 2
+    return {"nll": nll, "kl": kl, "weight_decay": decay, "loss": nll + hparams.kl_factor * kl + decay}
+
+
+class _Replay(torch.nn.Module):
+    """Stands in for a GPT-2 block whose result is already known: returns fn(hidden) in the block's
+    own output container (a tensor in transformers >= 5, a tuple before)."""
+
+    def __init__(self, fn, container):
+        super().__init__()
+        self.fn, self.container = fn, container
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return with_hidden(self.container, self.fn(hidden_states))
+
+
+@contextlib.contextmanager
+def lower_blocks_replayed(mt: ModelAndTokenizer, layer: int, output_fn, container):
+    """Inside the `with`, the model runs only blocks layer+1, ...: blocks below `layer` pass their
+    input through and block `layer` returns output_fn() ([batch, tokens, d_model]). ROME's δ enters
+    at `layer`, so everything below it is the same at every optimisation step: computed once."""
+    blocks = mt.model.get_submodule(mt.spec.layer.rsplit(".", 1)[0])
+    saved = [blocks[i] for i in range(layer + 1)]
+    try:
+        for i in range(layer):
+            blocks[i] = _Replay(lambda h: h, container)
+        blocks[layer] = _Replay(lambda h: output_fn(), container)
+        yield
+    finally:
+        for i, block in enumerate(saved):
+            blocks[i] = block
 
 
 def compute_v_star(mt: ModelAndTokenizer, request: dict, layer: int, hparams: ROMEHyperParams,
                    templates=None, progress: bool = False) -> dict:
-    """Optimise δ, added to the MLP output of `layer` at the last subject token, so that every
-    context template continues with target_new (official ROME loss: NLL + KL + weight decay).
+    """Optimise δ, added to the MLP output of `layer` at the last subject token of every context
+    template and of the KL prompt "{subject} is a", so that the templates continue with target_new
+    (`v_star_loss`). Only the blocks above `layer` run in the optimisation loop.
 
-    Returns {"delta": δ (d_model,), "losses": [...], "v_init_norm": ‖MLP output‖}. v* is then the
-    MLP output + δ (see `apply_rome_edit`)."""
+    Returns {"delta": δ (d_model,), "v_init": v₀ (d_model,) the MLP output at the bare prompt,
+    "v_init_norm", "losses": [loss per step], "terms": the last step's loss terms,
+    "forward_passes": number of optimisation forwards}."""
     templates = templates or context_templates(mt)
     subject, target = request["subject"], request["target_new"]["str"]
-    target_ids = _target_ids(mt, target)
-    prefix = mt.tokenizer.decode(target_ids[:-1])
-    rewrite = [t.format(request["prompt"]).format(subject) + prefix for t in templates]
-    kl_prompts = [f"{subject} is a"]
-    prompts = rewrite + kl_prompts
-    mt.tokenizer.padding_side = "right"
-    enc = mt.tokenizer(prompts, return_tensors="pt", padding=True).to(mt.device)
-    lookup = [_last_subject_index(mt, p, subject) for p in prompts]
-    lengths = enc["attention_mask"].sum(1).tolist()
-    n_t = len(target_ids)
-    # labels: the target's tokens, at the positions that predict them (the prompt's last token
-    # predicts target token 0, and so on; the prompt ends with target tokens 0..n_t-2)
-    labels = torch.full(enc["input_ids"].shape, -100, device=mt.device)
-    for i in range(len(rewrite)):
-        labels[i, lengths[i] - n_t:lengths[i]] = torch.tensor(target_ids, device=mt.device)
+    prompts = [_fill(t, request) for t in templates] + [f"{subject} is a"]
+    n_rw = len(templates)
+    ids, mask, labels = encode_with_targets(mt, prompts, [target] * n_rw + [None])
+    lookup = torch.tensor([_last_subject_index(mt, p, subject) for p in prompts], device=mt.device)
+    rows = torch.arange(len(prompts), device=mt.device)
 
-    d_model = mt.model.config.n_embd
-    delta = torch.zeros(d_model, device=mt.device, requires_grad=True)
-    state = {"v_init": None}
+    # Once: the state after block `layer` (without δ), v₀, and the KL prompt's original distribution.
+    block_out = {}
+    hook = mt.module(mt.spec.layer, layer).register_forward_hook(
+        lambda mod, inp, out: block_out.update(raw=out))
+    try:
+        with torch.no_grad(), Trace(mt.model, mt.spec.mlp.format(layer)) as t_mlp:
+            h = mt.model.transformer(input_ids=ids, attention_mask=mask).last_hidden_state
+            kl_logp_init = torch.log_softmax(mt.model.lm_head(h[rows[n_rw:], lookup[n_rw:]]).float(), -1)
+    finally:
+        hook.remove()
+    h_layer = hidden_of(block_out["raw"]).detach()
+    v_init = t_mlp.output[0, lookup[0]].float()
 
-    def add_delta(out, name):
-        if state["v_init"] is None:
-            state["v_init"] = out[0, lookup[0]].detach().clone()
-        out = out.clone()
-        for i, idx in enumerate(lookup):
-            out[i, idx] = out[i, idx] + delta
+    delta = torch.zeros(mt.model.config.n_embd, device=mt.device, requires_grad=True)
+    target_rows, target_pos = (labels != -100).nonzero(as_tuple=True)
+
+    def with_delta():
+        out = h_layer.clone()
+        out[rows, lookup] = out[rows, lookup] + delta.to(out.dtype)
         return out
 
-    with torch.no_grad():
-        base = mt.model(**enc).logits
-        kl_rows = [len(rewrite) + j for j in range(len(kl_prompts))]
-        kl_init = torch.log_softmax(base[kl_rows, [lookup[r] for r in kl_rows]].float(), -1)
     opt = torch.optim.Adam([delta], lr=hparams.v_lr)
-    losses = []
-    mt.model.requires_grad_(False)
+    losses, terms = [], {}
     for step in tqdm(range(hparams.v_num_grad_steps), desc="v*", disable=not progress):
         opt.zero_grad()
-        with Trace(mt.model, mt.spec.mlp.format(layer), retain_output=False, edit_output=add_delta):
-            logits = mt.model(**enc).logits.float()
-        logp = torch.log_softmax(logits, -1)
-        # labels sit where the model predicts them: position p scores token p + 1 of the text
-        lp = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (labels != -100)
-        nll = -(lp.sum(1) / n_t)[:len(rewrite)].mean()
-        kl_now = logp[kl_rows, [lookup[r] for r in kl_rows]]
-        kl = torch.nn.functional.kl_div(kl_now, kl_init, log_target=True, reduction="batchmean")
-        wd = hparams.v_weight_decay * delta.norm() ** 2 / state["v_init"].norm() ** 2
-        loss = nll + hparams.kl_factor * kl + wd
+        with lower_blocks_replayed(mt, layer, with_delta, block_out["raw"]):
+            h = mt.model.transformer(input_ids=ids, attention_mask=mask).last_hidden_state
+        logp_t = torch.log_softmax(mt.model.lm_head(h[target_rows, target_pos]).float(), -1)
+        kl_now = torch.log_softmax(mt.model.lm_head(h[rows[n_rw:], lookup[n_rw:]]).float(), -1)
+        terms = v_star_loss(logp_t[torch.arange(len(target_rows)), labels[target_rows, target_pos]],
+                            kl_now, kl_logp_init, delta, v_init, hparams)
+        loss = terms["loss"]
         losses.append(loss.item())
-        if loss.item() < hparams.early_stop_loss:
-            break
-        if step == hparams.v_num_grad_steps - 1:
+        if loss.item() < hparams.early_stop_loss or step == hparams.v_num_grad_steps - 1:
             break
         loss.backward()
         opt.step()
-        max_norm = hparams.clamp_norm_factor * state["v_init"].norm()
+        max_norm = hparams.clamp_norm_factor * v_init.norm()
         with torch.no_grad():
             if delta.norm() > max_norm:
                 delta.mul_(max_norm / delta.norm())
-    return {"delta": delta.detach(), "losses": losses, "v_init_norm": state["v_init"].norm().item(),
+    return {"delta": delta.detach(), "v_init": v_init, "v_init_norm": v_init.norm().item(),
+            "losses": losses, "terms": {k: v.item() for k, v in terms.items()},
             "forward_passes": len(losses)}
 
 
@@ -304,28 +430,47 @@ def _weight_layout(module) -> str:
     return "conv1d" if type(module).__name__ == "Conv1D" else "linear"
 
 
-@dataclass
+def rome_weight_update(W: torch.Tensor, k_star: torch.Tensor, k_write: torch.Tensor,
+                       delta: torch.Tensor, C_inv: torch.Tensor) -> torch.Tensor:
+    """Ŵ = W + δ uᵀ / (uᵀ k_write) with u = C⁻¹k*: Ŵ k_write = W k_write + δ, and W changes only
+    along C⁻¹k*, the direction that spares the other keys.
+
+    With k_write = k* this is chapter 02's `memory.rank_one_edit(W, k*, W k* + δ, C_inv)`; ROME's
+    reference code writes at the bare prompt's key (`update_at`).
+    W: (d_out, d_in)   k_star, k_write: (d_in,)   delta: (d_out,)   C_inv: (d_in, d_in)"""
+    u = C_inv @ k_star
+    return W + torch.outer(delta, u) / (u @ k_write)
+
+
+@dataclass(repr=False)
 class Edit:
     """A rank-one change Ŵ = W + v uᵀ (in (d_out, d_in) layout) applied to one MLP; undoable."""
     mt: ModelAndTokenizer
     layer: int
-    u: torch.Tensor             # (d_in,): C⁻¹k* / ((C⁻¹k*)ᵀ k*)
-    v: torch.Tensor             # (d_out,): v* − W k*
+    u: torch.Tensor             # (d_in,): C⁻¹k* / ((C⁻¹k*)ᵀ k_write)
+    v: torch.Tensor             # (d_out,): δ, the change of the value at k_write
     request: dict
     prob_before: float          # p(first token of target_new) on the rewrite prompt
     prob_after: float
-    k_star: torch.Tensor = None
-    v_star: torch.Tensor = None
+    original_weight: torch.Tensor   # the module's weight before the edit, as stored (Conv1D: (d_in, d_out))
+    k_star: torch.Tensor = None     # (d_in,) the averaged key
+    k_write: torch.Tensor = None    # (d_in,) the key that now maps to v_star
+    v_star: torch.Tensor = None     # (d_out,) W k_write + δ
     losses: list = field(default_factory=list)
-    _original: torch.Tensor = None
     applied: bool = True
 
     def undo(self) -> None:
         """Restore the original weights, bit for bit."""
         if self.applied:
             with torch.no_grad():
-                self.mt.module(self.mt.spec.mlp_out, self.layer).weight.copy_(self._original)
+                self.mt.module(self.mt.spec.mlp_out, self.layer).weight.copy_(self.original_weight)
             self.applied = False
+
+    def __repr__(self) -> str:
+        r = self.request
+        return (f"Edit({r['prompt'].format(r['subject'])!r} -> {r['target_new']['str']!r}, "
+                f"layer {self.layer}, p {self.prob_before:.3f} -> {self.prob_after:.3f}, "
+                f"{'applied' if self.applied else 'undone'})")
 
     def __enter__(self):
         return self
@@ -338,7 +483,12 @@ class Edit:
 def target_prob(mt: ModelAndTokenizer, request: dict) -> float:
     """p(first token of ' ' + target_new) after the rewrite prompt."""
     prompt = request["prompt"].format(request["subject"])
-    return next_token_probs(mt, [prompt])[0, _target_ids(mt, request["target_new"]["str"])[0]].item()
+    return next_token_probs(mt, [prompt])[0, first_token_id(mt, request["target_new"]["str"])].item()
+
+
+def _out_in(module, W: torch.Tensor) -> torch.Tensor:
+    """A module's weight in (d_out, d_in) layout (Conv1D stores it transposed), and back."""
+    return W.T if _weight_layout(module) == "conv1d" else W
 
 
 def apply_rome_edit(mt: ModelAndTokenizer, request: dict, hparams: ROMEHyperParams | None = None,
@@ -352,28 +502,29 @@ def apply_rome_edit(mt: ModelAndTokenizer, request: dict, hparams: ROMEHyperPara
     hparams = hparams or get_hparams(mt)
     layer = hparams.layer
     module = mt.module(mt.spec.mlp_out, layer)
-    if templates is None:
-        templates = context_templates(mt, hparams.context_lengths)
+    templates = templates or templates_for(mt, hparams)
     if C_inv is None:
-        C_inv = torch.linalg.inv(key_covariance(mt, layer, n_samples=hparams.mom2_n_samples,
-                                                progress=progress).double()).float()
+        C_inv = inverse_key_covariance(mt, layer, hparams.mom2_n_samples, progress=progress)
     before = target_prob(mt, request)
-    k_star = compute_k_star(mt, request, layer, templates, hparams.bare_prompt_weight)
+    keys = template_keys(mt, request, layer, templates)
+    k_star = compute_k_star(mt, request, layer, templates, hparams.bare_prompt_weight) \
+        if hparams.bare_prompt_weight is not None else keys.mean(0)
+    k_bare = keys[0] if templates[0] == "{}" else template_keys(mt, request, layer, ["{}"])[0]
+    k_write = k_bare if hparams.update_at == "bare_prompt" else k_star
     opt = compute_v_star(mt, request, layer, hparams, templates, progress=progress)
-    W = module.weight.detach().float()
-    W_out_in = W.T if _weight_layout(module) == "conv1d" else W          # (d_out, d_in)
-    v_star = W_out_in @ k_star + opt["delta"]                             # weight part of MLP output
-    W_new = rank_one_edit(W_out_in, k_star, v_star, C_inv.to(W.device))
-    u = C_inv.to(W.device) @ k_star
     original = module.weight.detach().clone()
+    W = _out_in(module, original.float())                                   # (d_out, d_in)
+    C_inv = C_inv.to(W.device)
+    W_new = rome_weight_update(W, k_star, k_write, opt["delta"], C_inv)
     with torch.no_grad():
-        module.weight.copy_((W_new.T if _weight_layout(module) == "conv1d" else W_new).to(original.dtype))
-    edit = Edit(mt=mt, layer=layer, u=u / (u @ k_star), v=v_star - W_out_in @ k_star,
-                request=request, prob_before=before, prob_after=target_prob(mt, request),
-                k_star=k_star, v_star=v_star, losses=opt["losses"], _original=original)
+        module.weight.copy_(_out_in(module, W_new).to(original.dtype))
+    u = C_inv @ k_star
+    edit = Edit(mt=mt, layer=layer, u=u / (u @ k_write), v=opt["delta"], request=request,
+                prob_before=before, prob_after=target_prob(mt, request), original_weight=original,
+                k_star=k_star, k_write=k_write, v_star=W @ k_write + opt["delta"], losses=opt["losses"])
     if require_improvement and edit.prob_after <= edit.prob_before:
         edit.undo()
-        raise RuntimeError(f"the edit did not raise p({request['target_new']['str']!r}) "
+        raise EditFailedError(f"the edit did not raise p({request['target_new']['str']!r}) "
                            f"({edit.prob_before:.4f} -> {edit.prob_after:.4f}); weights restored. "
                            "Try another layer or a larger v_lr / clamp_norm_factor.")
     return edit
@@ -381,11 +532,11 @@ def apply_rome_edit(mt: ModelAndTokenizer, request: dict, hparams: ROMEHyperPara
 
 def rome_edit(mt: ModelAndTokenizer, request: dict, hparams: ROMEHyperParams | None = None,
               **kwargs) -> Edit:
-    """Alias of `apply_rome_edit` (the name the issues and the paper use)."""
+    """One ROME edit: the same as `apply_rome_edit` (the name the paper's code uses)."""
     return apply_rome_edit(mt, request, hparams, **kwargs)
 
 
-# --- baselines for chapter 07 ------------------------------------------------------------------
+# --- baselines for chapter 08 ------------------------------------------------------------------
 
 def apply_ft_edit(mt: ModelAndTokenizer, request: dict, layer: int | None = None, steps: int = 25,
                   lr: float = 5e-4, templates=None) -> Edit:
@@ -399,33 +550,22 @@ def apply_ft_edit(mt: ModelAndTokenizer, request: dict, layer: int | None = None
     module = mt.module(mt.spec.mlp_out, layer)
     original = module.weight.detach().clone()
     before = target_prob(mt, request)
-    subject, target_ids = request["subject"], _target_ids(mt, request["target_new"]["str"])
-    texts = [t.format(request["prompt"]).format(subject) for t in templates]
-    mt.tokenizer.padding_side = "right"
-    enc = mt.tokenizer([t + mt.tokenizer.decode(target_ids) for t in texts], return_tensors="pt",
-                       padding=True).to(mt.device)
-    lengths = enc["attention_mask"].sum(1)
-    n_t = len(target_ids)
+    texts = [_fill(t, request) for t in templates]
+    ids, mask, labels = encode_with_targets(mt, texts, [request["target_new"]["str"]] * len(texts))
     module.weight.requires_grad_(True)
     opt = torch.optim.Adam([module.weight], lr=lr)
     losses = []
     try:
         for _ in range(steps):
-            logp = torch.log_softmax(mt.model(**enc).logits.float(), -1)
-            nll = 0.0
-            for i, length in enumerate(lengths.tolist()):
-                pos = torch.arange(length - n_t - 1, length - 1, device=mt.device)
-                nll = nll - logp[i, pos, torch.tensor(target_ids, device=mt.device)].mean()
-            loss = nll / len(texts)
+            logits = mt.model(input_ids=ids, attention_mask=mask).logits
+            loss = target_nll_from_logits(logits, labels).mean()
             losses.append(loss.item())
             opt.zero_grad()
             loss.backward()
             opt.step()
     finally:
         module.weight.requires_grad_(False)
-    change = (module.weight.detach() - original).float()
-    change = change.T if _weight_layout(module) == "conv1d" else change      # (d_out, d_in)
+    change = _out_in(module, (module.weight.detach() - original).float())     # (d_out, d_in)
     U, S, Vh = torch.linalg.svd(change, full_matrices=False)
-    edit = Edit(mt=mt, layer=layer, u=Vh[0] * S[0], v=U[:, 0], request=request, prob_before=before,
-                prob_after=target_prob(mt, request), losses=losses, _original=original)
-    return edit
+    return Edit(mt=mt, layer=layer, u=Vh[0] * S[0], v=U[:, 0], request=request, prob_before=before,
+                prob_after=target_prob(mt, request), original_weight=original, losses=losses)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engramlib.models import ModelAndTokenizer, load_model
+from engramlib.models import ModelAndTokenizer, load_model, prepare_tokenizer
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -22,8 +22,7 @@ def gpt2_standin():
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config()).eval().requires_grad_(False)
-    tokenizer = GPT2TokenizerFast.from_pretrained(FIXTURES / "gpt2_tokenizer")
-    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = prepare_tokenizer(GPT2TokenizerFast.from_pretrained(FIXTURES / "gpt2_tokenizer"))
     return ModelAndTokenizer(model=model, tokenizer=tokenizer, name="gpt2-standin")
 
 

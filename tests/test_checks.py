@@ -72,7 +72,7 @@ def test_covariance_edit(capsys):
 # --- chapters 05-07 ---------------------------------------------------------------------------------
 
 def test_subject_token_range(tinyworld, capsys):
-    from engramlib.tracing import find_subject_range
+    from engramlib.models import find_subject_range
     checks.subject_token_range(find_subject_range, mt=tinyworld)
     assert "✓" in capsys.readouterr().out
     inclusive = lambda tok, p, s: (find_subject_range(tok, p, s)[0], find_subject_range(tok, p, s)[1] - 1)
@@ -127,7 +127,7 @@ def test_restore_one_state(tinyworld, capsys):
 
 def test_key_at_subject(tinyworld, capsys):
     from engramlib.hooks import Trace
-    from engramlib.tracing import find_subject_range
+    from engramlib.models import find_subject_range
 
     def key(mt, text, subject, layer, position="last", which="input"):
         s, e = find_subject_range(mt.tokenizer, text, subject)

@@ -1,4 +1,7 @@
 """ROME: requests are validated, an edit raises p(target) and leaves neighbours, undo is exact."""
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -52,42 +55,152 @@ def test_edit_raises_target_keeps_neighbours_and_undoes_bit_for_bit(tinyworld, t
         assert torch.equal(v, state[k]), k
 
 
-def test_v_star_runs_at_most_the_configured_steps(tinyworld, tw_templates):
-    hp = rome.get_hparams(tinyworld)
+def test_v_star_loss_falls_and_delta_respects_the_clamp(tinyworld, tw_templates):
+    hp = replace(rome.get_hparams(tinyworld), early_stop_loss=0.0, v_num_grad_steps=8)
     out = rome.compute_v_star(tinyworld, rome.check_request(tinyworld, REQUEST), hp.layer, hp, tw_templates)
-    assert 1 <= out["forward_passes"] <= hp.v_num_grad_steps
-    assert out["delta"].norm() <= hp.clamp_norm_factor * out["v_init_norm"] + 1e-4
+    assert out["losses"][-1] < 0.2 * out["losses"][0]
+    tight = replace(hp, clamp_norm_factor=0.05)
+    out = rome.compute_v_star(tinyworld, rome.check_request(tinyworld, REQUEST), hp.layer, tight, tw_templates)
+    assert out["delta"].norm() <= 0.05 * out["v_init_norm"] * (1 + 1e-5)
 
 
-def test_covariance_is_cached_on_disk(tinyworld, tmp_path, monkeypatch):
+def test_v_star_loss_terms_match_the_reference_formulas():
+    """NLL = mean −log p; KL(P_new ‖ P_init) = Σ p_new (log p_new − log p_init) (ROME's compute_v.py
+    calls kl_div(init, new)); decay = w ‖δ‖ / ‖v₀‖² (the norm, not its square)."""
+    g = torch.Generator().manual_seed(0)
+    target_logp = torch.log(torch.rand(7, generator=g))
+    now, init = (torch.log_softmax(torch.randn(2, 11, generator=g), -1) for _ in range(2))
+    delta, v0 = torch.randn(5, generator=g), torch.randn(5, generator=g)
+    hp = rome.ROMEHyperParams(layer=0)
+    t = rome.v_star_loss(target_logp, now, init, delta, v0, hp)
+    kl_new_init = (now.exp() * (now - init)).sum(-1).mean()
+    assert t["nll"].item() == pytest.approx(-target_logp.mean().item())
+    assert t["kl"].item() == pytest.approx(kl_new_init.item(), rel=1e-5)
+    assert t["weight_decay"].item() == pytest.approx(0.5 * delta.norm().item() / v0.norm().item() ** 2)
+    assert t["loss"].item() == pytest.approx((t["nll"] + 0.0625 * t["kl"] + t["weight_decay"]).item())
+    old = rome.v_star_loss(target_logp, now, init, delta, v0, replace(hp, kl="init||new", weight_decay="squared"))
+    assert old["kl"].item() == pytest.approx((init.exp() * (init - now)).sum(-1).mean().item(), rel=1e-5)
+    assert old["weight_decay"].item() == pytest.approx(0.5 * delta.norm().item() ** 2 / v0.norm().item() ** 2)
+    with pytest.raises(ValueError, match="update_at"):
+        replace(hp, update_at="average")
+
+
+@pytest.mark.parametrize("layer", [0, 3])
+def test_replaying_the_lower_blocks_gives_the_full_forward(tinyworld, layer):
+    mt = tinyworld
+    enc = mt.tokenizer(["The Space Needle is located in the city of", "Paris is"], return_tensors="pt",
+                       padding=True)
+    raw = {}
+    hook = mt.module(mt.spec.layer, layer).register_forward_hook(lambda m, i, o: raw.update(out=o))
+    with torch.no_grad():
+        full = mt.model(**enc).logits
+    hook.remove()
+    from engramlib.hooks import hidden_of
+    cached = hidden_of(raw["out"])
+    ran = []
+    above = mt.module(mt.spec.layer, layer + 1).register_forward_hook(lambda *a: ran.append(1))
+    with torch.no_grad(), rome.lower_blocks_replayed(mt, layer, lambda: cached, raw["out"]):
+        replayed = mt.model(**enc).logits
+    above.remove()
+    real = enc["attention_mask"].bool()
+    torch.testing.assert_close(replayed[real], full[real], atol=1e-5, rtol=1e-5)
+    assert ran and type(mt.module(mt.spec.layer, 0)).__name__ == "GPT2Block"    # blocks restored
+
+
+def test_template_keys_batched_equal_one_forward_each(tinyworld, tw_templates):
+    from engramlib.hooks import Trace
+    mt, layer = tinyworld, 2
+    keys = rome.template_keys(mt, REQUEST, layer, tw_templates)
+    for i, template in enumerate(tw_templates):
+        text = template.format(REQUEST["prompt"]).format(REQUEST["subject"])
+        idx = rome._last_subject_index(mt, text, REQUEST["subject"])
+        with torch.no_grad(), Trace(mt.model, mt.spec.mlp_out.format(layer), retain_input=True) as t:
+            mt.model(**mt.tokenizer(text, return_tensors="pt"))
+        torch.testing.assert_close(keys[i], t.input[0, idx], atol=1e-5, rtol=1e-5)
+
+
+def test_covariance_excludes_padding_and_is_cached_per_weights(tinyworld, tmp_path, monkeypatch):
     monkeypatch.setenv("ENGRAM_CACHE", str(tmp_path))
-    texts = ["The capital of France is Paris.", "Lionel Messi plays soccer."] * 4
-    C = rome.key_covariance(tinyworld, 1, texts=texts, corpus="tiny", n_samples=50, progress=False)
-    path = rome.covariance_path(tinyworld, 1, "tiny", 50)
-    assert path.exists() and C.shape == (4 * tinyworld.model.config.n_embd,) * 2
-    assert torch.allclose(C, C.T, atol=1e-6)
-    assert torch.equal(rome.key_covariance(tinyworld, 1, texts=["other"], corpus="tiny", n_samples=50), C)
+    mt = tinyworld
+    texts = ["The capital of France is Paris.", "Lionel Messi plays soccer for a club in Miami today.",
+             "Rome"]
+    batched = rome.key_covariance(mt, 1, texts=texts, corpus="a", batch_size=3, progress=False)
+    one_by_one = rome.key_covariance(mt, 1, texts=texts, corpus="b", batch_size=1, progress=False)
+    torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-4)     # pads never counted
+    path = rome.covariance_path(mt, 1, "a", 100000)
+    assert path.exists() and not list(path.parent.glob(".*.tmp"))
+    assert torch.equal(rome.key_covariance(mt, 1, texts=["other"], corpus="a"), batched)   # cache hit
+    assert rome.covariance_path(mt, 5, "a", 100000) != rome.covariance_path(mt, 1, "a", 100000)
+    weight = mt.module(mt.spec.mlp_out, 0).weight
+    saved = weight[0, 0].item()
+    with torch.no_grad():
+        weight[0, 0] += 1.0                                   # "retrained": another fingerprint
+        try:
+            assert rome.covariance_path(mt, 1, "a", 100000) != path
+        finally:
+            weight[0, 0] = saved
+    assert rome.covariance_path(mt, 1, "a", 100000) == path
 
 
-def test_edit_on_gpt2_standin_runs(gpt2_standin, tmp_path, monkeypatch):
-    """Random weights: p(target) means nothing, but GPT-2's real code path (Conv1D, BPE) runs and
-    the update does what it should: the edited c_proj maps k* to v*, and undo is exact."""
-    monkeypatch.setenv("ENGRAM_CACHE", str(tmp_path))
-    mt = gpt2_standin
-    hp = rome.ROMEHyperParams(layer=4, v_num_grad_steps=5, v_lr=0.05)
+def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "C.pt"
+
+    def broken_save(obj, f):
+        Path(f).write_bytes(b"half a tensor")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        rome.atomic_save(torch.eye(2), target)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def standin_C_inv(gpt2_standin):
     texts = ["The Eiffel Tower is in Paris.", "Lionel Messi plays soccer for a club in Miami.",
              "Rome is the capital of Italy, a country in Europe."] * 6
-    C = rome.key_covariance(mt, 4, texts=texts, corpus="t", n_samples=5000, progress=False)
-    C_inv = torch.linalg.inv(C.double() + 1e-3 * torch.eye(3072, dtype=torch.float64)).float()
+    C = rome.key_covariance(gpt2_standin, 4, texts=texts, corpus="t", n_samples=5000, cache=False,
+                            progress=False)
+    return torch.linalg.inv(C.double() + 1e-3 * torch.eye(3072, dtype=torch.float64)).float()
+
+
+@pytest.mark.parametrize("update_at", ["bare_prompt", "k_star"])
+def test_edit_on_gpt2_standin_writes_where_the_reference_writes(gpt2_standin, standin_C_inv, update_at):
+    """Random weights: p(target) means nothing, but GPT-2's code path (Conv1D, BPE) runs and the
+    update does what the reference does: after the edit the MLP output at the bare prompt's last
+    subject token is v₀ + δ ("bare_prompt"; at the averaged key k* for "k_star"), the change is rank
+    one along C⁻¹k*, and undo is exact."""
+    from engramlib.hooks import Trace
+    from engramlib.memory import rank_one_edit
+    mt = gpt2_standin
+    hp = rome.ROMEHyperParams(layer=4, v_num_grad_steps=5, v_lr=0.05, update_at=update_at)
     req = {**REQUEST, "prompt": "The {} is located in the city of"}
     module = mt.module(mt.spec.mlp_out, 4)
     original = module.weight.detach().clone()
-    edit = rome.apply_rome_edit(mt, req, hparams=hp, C_inv=C_inv, templates=["{}", "Hello. {}"],
+    text = req["prompt"].format(req["subject"])
+    idx = rome._last_subject_index(mt, text, req["subject"])
+
+    def mlp_out_at_subject():
+        with torch.no_grad(), Trace(mt.model, mt.spec.mlp.format(4)) as t:
+            mt.model(**mt.tokenizer(text, return_tensors="pt"))
+        return t.output[0, idx]
+    v0 = mlp_out_at_subject()
+    edit = rome.apply_rome_edit(mt, req, hparams=hp, C_inv=standin_C_inv, templates=["{}", "Hello. {}"],
                                 require_improvement=False)
     assert module.weight.shape == (3072, 768)                           # Conv1D: (d_in, d_out)
-    torch.testing.assert_close(edit.k_star @ module.weight, edit.v_star, atol=1e-3, rtol=1e-4)
+    change = (module.weight - original).T.double()                        # (d_out, d_in)
+    U, S, Vh = torch.linalg.svd(change)
+    assert S[1] < 1e-4 * S[0]                                             # rank one
+    direction = (standin_C_inv @ edit.k_star).double()
+    assert abs(torch.nn.functional.cosine_similarity(Vh[0], direction, dim=0)) > 0.9999
+    if update_at == "bare_prompt":
+        torch.testing.assert_close(mlp_out_at_subject(), v0 + edit.v, atol=1e-4, rtol=1e-4)
+    else:
+        W = original.float().T
+        expected = rank_one_edit(W, edit.k_star, W @ edit.k_star + edit.v, standin_C_inv)
+        torch.testing.assert_close(module.weight.T, expected, atol=1e-5, rtol=1e-4)
     edit.undo()
     assert torch.equal(module.weight, original)
+    assert "Edit(" in repr(edit) and "undone" in repr(edit) and len(repr(mt)) < 200
 
 
 def test_evaluate_edits_loop_and_metrics(tinyworld, tw_templates):

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 
 from engramlib.facts import RELATIONS, load_facts, paraphrase_prompts
-from engramlib.models import ModelAndTokenizer, accuracy, known_facts, load_model
+from engramlib.models import ModelAndTokenizer, accuracy, load_model, multi_token_known_facts
 
 
 def relation_accuracy(mt: ModelAndTokenizer, facts=None) -> dict:
@@ -30,17 +29,6 @@ def relation_accuracy(mt: ModelAndTokenizer, facts=None) -> dict:
                       "rewrite": accuracy(mt, [f.prompt for f in group], [f.object for f in group]),
                       "paraphrase": accuracy(mt, [p for p, _ in para], [o for _, o in para])}
     return table
-
-
-def multi_token_known_facts(mt: ModelAndTokenizer, n: int, seed: int = 0) -> list:
-    """`n` facts (seeded sample) that the model gets right and whose subject has >= 2 tokens."""
-    from engramlib.tracing import find_subject_range
-    candidates = []
-    for f in known_facts(mt, load_facts()):
-        start, end = find_subject_range(mt.tokenizer, f.prompt, f.subject)
-        if end - start >= 2:
-            candidates.append(f)
-    return random.Random(seed).sample(candidates, min(n, len(candidates)))
 
 
 def localization_report(mt: ModelAndTokenizer, n_facts: int = 40, samples: int = 10,
