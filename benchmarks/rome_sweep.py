@@ -9,6 +9,8 @@ Settings (each on top of the registered TinyWorld hparams' layer):
               decay ‖δ‖/‖v₀‖², KL(new ‖ init), uniform k*, templates sampled from end-of-text
   tinyworld   whatever `rome.HPARAMS["tinyworld"]` registers now
   k_star      reference, but write v₀ + δ at the averaged key k* (update_at="k_star")
+  squared     reference, but decay ‖δ‖²/‖v₀‖² (weight_decay="squared")
+  init_new    reference, but KL(init ‖ new) (kl="init||new")
   bare_w      reference, but the bare prompt gets half of k*'s weight (bare_prompt_weight=0.5)
   memit_starts reference, but templates start from MEMIT's five words
   before      this project's choices before they were made explicit: k_star, squared decay,
@@ -36,6 +38,8 @@ def settings(layer: int) -> dict:
     return {"reference": ref,
             "tinyworld": replace(rome.HPARAMS["tinyworld"], layer=layer),
             "k_star": replace(ref, update_at="k_star"),
+            "squared": replace(ref, weight_decay="squared"),
+            "init_new": replace(ref, kl="init||new"),
             "bare_w": replace(ref, bare_prompt_weight=0.5),
             "memit_starts": replace(ref, template_starts=MEMIT_STARTS),
             "before": replace(ref, update_at="k_star", weight_decay="squared", kl="init||new",

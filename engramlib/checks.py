@@ -2,6 +2,10 @@
 
 A check runs your function on small cases, compares it with the reference, and explains the most
 likely mistake when it differs. On success it prints one line starting with ✓.
+
+Predictions: `checks.predict(key, question, choices, answer)` records a prediction before an
+experiment; `checks.reveal(key, measured, explanation)` after it shows what was measured next to
+the prediction. The predictions live in `PREDICTIONS` (one dict per session; `PREDICTIONS.clear()`).
 """
 from __future__ import annotations
 
@@ -17,15 +21,48 @@ def _ok(name: str):
 
 
 def _call(fn, *args, shape_hint: str = "", **kwargs):
-    """Run the student's function; turn a shape error into a diagnosis (NotImplementedError passes)."""
+    """Run the student's function; turn its exceptions into a one-line diagnosis (NotImplementedError,
+    the unsolved exercise, passes through)."""
     try:
         return fn(*args, **kwargs)
     except NotImplementedError:
         raise
-    except RuntimeError as err:
-        if "size of tensor" in str(err) or "shape" in str(err) or "mat1 and mat2" in str(err):
-            _fail(f"your function raised a shape error ({err}). {shape_hint}")
-        raise
+    except Exception as err:        # a shape error, ZeroDivisionError, IndexError, TypeError, ...
+        problem = err
+    text = str(problem)
+    if isinstance(problem, RuntimeError) and any(s in text for s in ("size of tensor", "shape", "mat1 and mat2")):
+        _fail(f"your function raised a shape error ({text}). {shape_hint}")
+    _fail(f"your function raised {type(problem).__name__}: {text}")
+
+
+# --- predictions -------------------------------------------------------------------------------
+
+PREDICTIONS: dict = {}
+
+
+def predict(key: str, question: str, choices: dict | None = None, answer=None) -> None:
+    """Record a prediction before an experiment runs. choices: {"a": "text", ...} for a multiple
+    choice (answer one of its keys), None for a number. answer None prints how to answer."""
+    print(f"Predict {key}: {question}")
+    for letter, text in (choices or {}).items():
+        print(f"  ({letter}) {text}")
+    if answer is None:
+        print("→ write your prediction as answer=... in this cell and run it again before the experiment")
+        return
+    if choices and str(answer).strip().lower() not in choices:
+        raise ValueError(f"answer with one of {', '.join(choices)}, got {answer!r}")
+    PREDICTIONS[key] = str(answer).strip().lower() if choices else answer
+    print(f"→ recorded: {PREDICTIONS[key]!r}. Now run the experiment.")
+
+
+def reveal(key: str, measured, explanation: str, correct=None) -> None:
+    """After the experiment: print the prediction (if any), what was measured, and the explanation.
+    correct: the right choice (multiple choice) or None when only the number matters."""
+    guess = PREDICTIONS.get(key)
+    said = "no prediction recorded" if guess is None else f"you predicted {guess!r}"
+    verdict = "" if correct is None or guess is None else (" ✓" if guess == correct else f" (answer: {correct!r})")
+    print(f"Predict {key}: {said}{verdict}; measured: {measured}")
+    print(explanation)
 
 
 # --- chapter 00 ---------------------------------------------------------------------------------
@@ -187,10 +224,10 @@ def covariance_edit(fn):
     _ok("covariance_edit")
 
 
-# --- chapter 05: causal tracing -----------------------------------------------------------------
+# --- chapter 06: causal tracing -----------------------------------------------------------------
 
 def subject_token_range(fn, mt=None):
-    """Exercise 5.1: fn(tokenizer, prompt, subject) -> (start, end), subject tokens start..end-1."""
+    """Exercise 6.1: fn(tokenizer, prompt, subject) -> (start, end), subject tokens start..end-1."""
     from engramlib.models import load_model
     from engramlib.models import find_subject_range
     mt = mt or load_model("tinyworld", device="cpu")
@@ -214,7 +251,7 @@ def subject_token_range(fn, mt=None):
 
 
 def corrupt_subject(fn):
-    """Exercise 5.2: fn(embeds [B, T, d], start, end, noise [B-1, end-start, d]) -> new embeds
+    """Exercise 6.2: fn(embeds [B, T, d], start, end, noise [B-1, end-start, d]) -> new embeds
     with the noise added to the subject tokens of rows 1.. (row 0 stays clean)."""
     torch.manual_seed(0)
     embeds = torch.randn(4, 6, 3)
@@ -239,7 +276,7 @@ def corrupt_subject(fn):
 
 
 def indirect_effect(fn):
-    """Exercise 5.3: fn(result, token, layer) -> scores[token, layer] - low_score."""
+    """Exercise 6.4: fn(result, token, layer) -> scores[token, layer] - low_score."""
     from engramlib.tracing import TraceResult
     r = TraceResult(scores=torch.tensor([[0.1, 0.2], [0.5, 0.9]]), low_score=0.1, high_score=0.95,
                     tokens=["A", "B"], subject_range=(0, 1), answer=" X", kind=None, window=1,
@@ -256,7 +293,7 @@ def indirect_effect(fn):
 
 
 def restore_one_state(fn, mt=None):
-    """Exercise 5.4: fn(mt, prompt, subject, token, layer, noise, samples) -> p(answer) averaged over
+    """Exercise 6.3: fn(mt, prompt, subject, token, layer, noise, samples) -> p(answer) averaged over
     the corrupted copies with block `layer`'s output at `token` restored from the clean run."""
     from engramlib.models import load_model
     from engramlib.tracing import trace_loop
@@ -277,10 +314,10 @@ def restore_one_state(fn, mt=None):
     _ok("restore_one_state")
 
 
-# --- chapter 06: ROME ----------------------------------------------------------------------------
+# --- chapter 07: ROME ----------------------------------------------------------------------------
 
 def key_at_subject(fn, mt=None):
-    """Exercise 6.1: fn(mt, text, subject, layer) -> the input of mlp.c_proj at the subject's last
+    """Exercise 7.1: fn(mt, text, subject, layer) -> the input of mlp.c_proj at the subject's last
     token, shape (d_mlp,)."""
     from engramlib.hooks import Trace
     from engramlib.models import load_model
@@ -309,7 +346,7 @@ def key_at_subject(fn, mt=None):
 
 
 def v_star_delta(fn, mt=None):
-    """Exercise 6.2: fn(mt, prompt, subject, target, layer, steps, lr) -> δ (d_model,) that, added to
+    """Exercise 7.2: fn(mt, prompt, subject, target, layer, steps, lr) -> δ (d_model,) that, added to
     the MLP output of `layer` at the last subject token, makes ' ' + target the likely answer."""
     from engramlib.hooks import Trace
     from engramlib.models import load_model, next_token_probs
@@ -343,7 +380,7 @@ def v_star_delta(fn, mt=None):
 
 
 def conv1d_rank_one_edit(fn):
-    """Exercise 6.3: fn(W_conv (d_in, d_out), k_star (d_in,), v_star (d_out,), C_inv) -> new W_conv
+    """Exercise 7.3: fn(W_conv (d_in, d_out), k_star (d_in,), v_star (d_out,), C_inv) -> new W_conv
     with k* W = v* (GPT-2's Conv1D computes y = x W + b, the transpose of chapter 02's layout)."""
     from engramlib import memory
     gen = torch.Generator().manual_seed(0)
@@ -371,10 +408,10 @@ def conv1d_rank_one_edit(fn):
     _ok("conv1d_rank_one_edit")
 
 
-# --- chapter 07: evaluating edits -------------------------------------------------------------------
+# --- chapter 08: evaluating edits -------------------------------------------------------------------
 
 def edit_success(fn):
-    """Exercise 7.1: fn(p_new, p_true, kind) -> fraction of prompts where the edit 'succeeds':
+    """Exercise 8.1: fn(p_new, p_true, kind) -> fraction of prompts where the edit 'succeeds':
     kind "rewrite"/"paraphrase": P(new) > P(true); kind "neighborhood": P(true) > P(new)."""
     p_new, p_true = torch.tensor([0.9, 0.2, 0.6, 0.1]), torch.tensor([0.1, 0.5, 0.3, 0.05])
     for kind, expected in (("rewrite", 0.75), ("paraphrase", 0.75), ("neighborhood", 0.25)):
@@ -390,7 +427,7 @@ def edit_success(fn):
 
 
 def harmonic_score(fn):
-    """Exercise 7.2: fn(ES, PS, NS) -> their harmonic mean (0 if any is 0)."""
+    """Exercise 8.2: fn(ES, PS, NS) -> their harmonic mean (0 if any is 0)."""
     got = float(_call(fn, 100.0, 50.0, 100.0))
     if abs(got - 250 / 3) < 1e-6:
         _fail("that is the arithmetic mean; the score is the HARMONIC mean 3 / (1/ES + 1/PS + 1/NS), "

@@ -5,7 +5,9 @@ the fine-tuned value where γ = 1 and the pretrained value elsewhere:
     θ(γ) = γ ⊙ θ_ft + (1 − γ) ⊙ θ_pre.
 If a tiny γ recovers the fine-tuned accuracy, that region is where the skill lives.
 
-Tasks are classification with label *words* (the paper's GPT-2 format):
+A task is classification with label *words* (the paper's GPT-2 format), a dict
+{"name", "label_words", "train": [(prompt, label index)], "test": [...]}; the course's tasks come
+from `engramlib.tinyworld.tasks.make_task`:
     '"The soup was awful and the chef was poor." has a tone that is' -> " negative" / " positive"
 The loss is the cross-entropy over the label words' first tokens at the last position.
 
@@ -23,33 +25,7 @@ from tqdm.auto import tqdm
 
 from engramlib.models import ModelAndTokenizer
 
-# --- tasks --------------------------------------------------------------------------------------
-
-
-def make_task(name: str, n_train: int = 512, n_test: int = 256, seed: int = 0) -> dict:
-    """A generated task from TinyWorld's review language (engramlib.tinyworld.corpus).
-
-    name: "polarity" (positive / negative) or "topic" (sports / food / music / travel).
-    Returns {"name", "label_words", "train": [(prompt, label)], "test": [(prompt, label)]}."""
-    from engramlib.tinyworld.corpus import POLARITY_LABELS, TOPICS, review, tone_prompt, topic_prompt
-    if name not in ("polarity", "topic"):
-        raise ValueError(f"unknown task {name!r}: use 'polarity' or 'topic'")
-    rng = random.Random(seed + (0 if name == "polarity" else 1000))
-    topics = sorted(TOPICS)
-    labels = list(POLARITY_LABELS) if name == "polarity" else topics
-    seen, examples = set(), []
-    while len(examples) < n_train + n_test:
-        polarity, topic = rng.randrange(2), rng.choice(topics)
-        text = review(rng, polarity, topic)
-        if text in seen:
-            continue
-        seen.add(text)
-        if name == "polarity":
-            examples.append((tone_prompt(text), polarity))
-        else:
-            examples.append((topic_prompt(text), topics.index(topic)))
-    return {"name": name, "label_words": labels, "train": examples[:n_train],
-            "test": examples[n_train:]}
+# --- task accuracy --------------------------------------------------------------------------------
 
 
 def label_token_ids(mt: ModelAndTokenizer, label_words) -> torch.Tensor:
@@ -61,7 +37,7 @@ def label_token_ids(mt: ModelAndTokenizer, label_words) -> torch.Tensor:
 
 
 def _batch(mt, examples):
-    mt.tokenizer.padding_side = "right"
+    """Tokenized prompts (right-padded, as the tokenizer is set up at load) and their labels."""
     enc = mt.tokenizer([p for p, _ in examples], return_tensors="pt", padding=True).to(mt.device)
     labels = torch.tensor([y for _, y in examples], device=mt.device)
     return enc, labels
@@ -234,11 +210,18 @@ def optimize_mask(mt: ModelAndTokenizer, pre: dict, ft: dict, task: dict, sparsi
 
 
 def sigmoid_topk_mask(scores: dict, k: int) -> dict:
-    """He et al. (2024)'s simpler variant, binarised: γ = 1 on the k largest scores (e.g. the S of
-    γ = σ(S) after training with an ℓ1 term). Straight-through: use σ(S) forward, top-k to read off."""
+    """He et al. (2024)'s simpler variant, binarised: γ = 1 on exactly the k largest scores, ranked
+    over all tensors together (e.g. the S of γ = σ(S) after training with an ℓ1 term;
+    straight-through: use σ(S) forward, top-k to read off). ‖γ‖₀ = k even when many scores tie
+    with the k-th (e.g. zeros): `torch.topk` picks among the tied ones."""
     flat = torch.cat([s.detach().flatten() for s in scores.values()])
-    threshold = flat.topk(k).values[-1]
-    return {n: (s.detach() >= threshold).float() for n, s in scores.items()}
+    chosen = torch.zeros(flat.shape, device=flat.device)
+    chosen[flat.topk(k).indices] = 1.0
+    out, i = {}, 0
+    for n, s in scores.items():
+        out[n] = chosen[i:i + s.numel()].view_as(s)
+        i += s.numel()
+    return out
 
 
 # --- lesions and controls -------------------------------------------------------------------------
@@ -284,7 +267,8 @@ def continual_learning(mt: ModelAndTokenizer, task_a: dict, task_b: dict, sparsi
     lr is the SGD learning rate for A, lr_b for B (default: lr). The model is restored to its
     pretrained state at the end. Returns {"after_A", "sequential", "grafted_A", "B_outside_A",
     "forget_free": {"A": accuracy, "B": accuracy}, "ft_A" (A's fine-tuned state), "mask_A",
-    "mask_B", their sizes, ...}."""
+    "mask_B", their sizes, "region_A_untouched" (B's fine-tuning left A's region exactly as A's
+    fine-tuning set it), ...}."""
     lr_b = lr if lr_b is None else lr_b
     pre = get_state(mt)
 
@@ -304,14 +288,16 @@ def continual_learning(mt: ModelAndTokenizer, task_a: dict, task_b: dict, sparsi
         grafted_a = both()
         frozen = {n: m.bool() for n, m in mask_a.items()}
         ft_b = finetune(mt, task_b, steps=ft_steps, lr=lr_b, progress=progress, frozen=frozen)
+        untouched = all(torch.equal(ft_b[n][frozen[n]], ft_a[n][frozen[n]]) for n in pre)
         outside_b = both()
         mask_b = optimize_mask(mt, with_a, ft_b, task_b, sparsity_b, steps=mask_steps,
                                lr=mask_lr, progress=progress)["mask"]
-        mask_b = {n: m * (1 - mask_a[n]) for n, m in mask_b.items()}   # A's region never moved
+        # inside A's region ft_b equals with_a (frozen), so grafting there would change nothing:
+        # leave those entries out of B's region
+        mask_b = {n: m * (1 - mask_a[n]) for n, m in mask_b.items()}
         final = graft(with_a, ft_b, mask_b)
         load_state(mt, final)
         forget_free = both()
-        untouched = all(torch.equal(final[n][mask_a[n].bool()], ft_a[n][mask_a[n].bool()]) for n in pre)
     finally:
         load_state(mt, pre)
     return {"after_A": after_a, "sequential": sequential, "grafted_A": grafted_a,

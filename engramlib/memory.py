@@ -8,7 +8,7 @@ Retrieval    recall, cleanup                     v̂ = W k, then the nearest sto
 Forgetting   anti_hebbian_forget                 W -= lr · v kᵀ
 Modification naive_edit, rank_one_edit           W + (v* − W k*) uᵀ / (uᵀ k*),  u = k* or C⁻¹ k*
 
-`rank_one_edit` with C = E[k kᵀ] is ROME's update (Meng et al. 2022, eq. 2); chapter 06 applies
+`rank_one_edit` with C = E[k kᵀ] is ROME's update (Meng et al. 2022, eq. 2); chapter 07 applies
 this same function to a GPT-2 MLP.
 """
 from __future__ import annotations

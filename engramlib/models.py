@@ -80,7 +80,7 @@ def _source(name: str) -> str:
         from engramlib.tinyworld import WEIGHTS_DIR
         if not (WEIGHTS_DIR / "model.safetensors").exists():
             raise FileNotFoundError(f"TinyWorld's weights are missing from {WEIGHTS_DIR}; "
-                                    "reinstall engramlib or run python -m engramlib.tinyworld.train")
+                                    "reinstall engramlib, or train them: python -m engramlib.tinyworld.train --out DIR --overwrite-shipped")
         return str(WEIGHTS_DIR)
     if name in HUB_MODELS:
         return f"openai-community/{name}"

@@ -84,11 +84,26 @@ HPARAMS = {
     # (window 3, 40 facts: 0.53 at layers 0 and 1, 0.13 at layer 2). TINYWORLD_DEVIATION below.
     "tinyworld": None,
 }
-# TinyWorld's registered deviation from the reference, with the measurement behind it: filled in
-# from `python benchmarks/rome_sweep.py --records 100 --settings reference tinyworld`.
-TINYWORLD_DEVIATION = dict()
-HPARAMS["tinyworld"] = ROMEHyperParams(layer=0, **TINYWORLD_DEVIATION,
-                                       source="TinyWorld: layer 0 from its causal trace (chapter 06)")
+# TinyWorld's registered deviation from the reference, with the measurement behind it
+# (`python benchmarks/rome_sweep.py --records 100 --settings reference before`: 100 CounterFact-style
+# records over all 11 relations, layer 0, 2026-11-29):
+#   reference algorithm                      ES  98.0  PS  97.0  NS 73.7  S 88.0  (14.1 v* steps)
+#   this deviation                           ES 100.0  PS 100.0  NS 82.8  S 93.5  (20.0 v* steps)
+#   reference + squared decay only           ES  98.0  PS  97.5  NS 72.2  S 87.4
+#   reference + written at k* only           ES  83.0  PS  98.0  NS 89.0  S 89.6
+# Why: writing at the averaged key k* spares the neighbours (NS 89 vs 74) but misses the bare
+# rewrite prompt (ES 83): a prompt that starts with its subject tokenizes it without the leading
+# space, so its key differs from the prefixed ones, hence the bare prompt's half of k*'s weight
+# (with it, ES is 100 in the deviation's row). TinyWorld's ‖v₀‖ at layer 0 is about 17 (12-21 over 31 facts): the reference decay
+# 0.5‖δ‖/‖v₀‖² stays below 0.12 even at the clamp (‖δ‖ = 4‖v₀‖), the squared one reaches 8. Sampled
+# from end-of-text, TinyWorld's templates are fact fragments ("Mongolia (continent: Asia. {}"),
+# hence MEMIT's start words (`--settings squared k_star` gives the one-toggle rows).
+TINYWORLD_DEVIATION = dict(update_at="k_star", weight_decay="squared", kl="init||new",
+                           bare_prompt_weight=0.5,
+                           template_starts=("The", "Therefore", "Because", "I", "You"))
+HPARAMS["tinyworld"] = ROMEHyperParams(
+    layer=0, **TINYWORLD_DEVIATION,
+    source="TinyWorld: layer 0 from its causal trace (chapter 06); deviations measured in rome.py")
 
 
 def set_hparams(name: str, hparams: ROMEHyperParams) -> None:

@@ -7,6 +7,7 @@ cells read their sizes from.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import random
 import sys
@@ -44,6 +45,15 @@ def pick_device() -> str:
     return "cpu"
 
 
+def engramlib_version() -> str:
+    """The installed engramlib's version (from its package metadata, i.e. pyproject.toml), or
+    "unknown" when the package runs without being installed (a source folder on sys.path)."""
+    try:
+        return importlib.metadata.version("engramlib")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -69,8 +79,7 @@ def setup(seed: int = 0, verbose: bool = True) -> Settings:
     set_plot_style()
     if verbose:
         import transformers
-        import engramlib
-        print(f"engramlib {engramlib.__version__} | python {sys.version.split()[0]} | "
+        print(f"engramlib {engramlib_version()} | python {sys.version.split()[0]} | "
               f"torch {torch.__version__} | transformers {transformers.__version__} | "
               f"device {device} | model {settings.model_name or 'auto'}"
               f"{' | FAST' if settings.fast else ''}")

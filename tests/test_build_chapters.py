@@ -14,13 +14,16 @@ def notebook(*cells):
     return {"cells": list(cells), "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
 
 
+_ids = iter(range(10 ** 6))
+
+
 def md(text):
-    return {"cell_type": "markdown", "metadata": {}, "source": text}
+    return {"cell_type": "markdown", "id": f"md-{next(_ids)}", "metadata": {}, "source": text}
 
 
 def code(text, outputs=None):
-    return {"cell_type": "code", "metadata": {}, "source": text, "outputs": outputs or [],
-            "execution_count": 3 if outputs else None}
+    return {"cell_type": "code", "id": f"code-{next(_ids)}", "metadata": {}, "source": text,
+            "outputs": outputs or [], "execution_count": 3 if outputs else None}
 
 
 SOLVED = ("def f(x):\n"
@@ -77,6 +80,31 @@ def test_exercise_title_is_the_closest_heading_above():
     nb = build(md("### Exercise 1.1: first"), code("x = 1"), md("### Exercise 1.2: second"),
                code(SOLVED))
     assert 'NotImplementedError("Exercise 1.2: second")' in nb["cells"][-1]["source"]
+
+
+def test_markers_with_trailing_text_are_stripped_too():
+    """nbgrader reads a line that starts with the marker as a marker, whatever follows it; the
+    solution must not ship to students."""
+    src = ("def f(x):\n    ### BEGIN SOLUTION  # note for authors\n    return x + 1  # secret\n"
+           "    ### END SOLUTION (keep it short)\n")
+    nb = build(md("### Exercise 1.3: with notes"), code(src))
+    cell = nb["cells"][-1]
+    assert cell["source"] == 'def f(x):\n    raise NotImplementedError("Exercise 1.3: with notes")\n'
+    assert "secret" not in cell["source"] and "raises-exception" in cell["metadata"]["tags"]
+
+
+def test_a_chapter_that_is_not_a_valid_notebook_is_not_written(tmp_path):
+    (tmp_path / "solutions").mkdir()
+    bad = code("print(1)")
+    del bad["id"]                                    # nbformat 4.5 requires cell ids
+    (tmp_path / "solutions" / "01_x.ipynb").write_text(json.dumps(notebook(md("# x"), bad)))
+    with pytest.raises(ValueError, match="01_x.ipynb would not be a valid notebook"):
+        bc.build(tmp_path)
+    text = {**md("# x"), "execution_count": 1}       # markdown cells have no execution count
+    (tmp_path / "solutions" / "01_x.ipynb").write_text(json.dumps(notebook(text, code("x = 1"))))
+    with pytest.raises(ValueError, match="would not be a valid notebook.*execution_count"):
+        bc.main(["--root", str(tmp_path), "--check"])
+    assert not list((tmp_path / "chapters").glob("*.ipynb"))
 
 
 @pytest.mark.parametrize("src, message", [

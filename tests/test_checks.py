@@ -69,7 +69,7 @@ def test_covariance_edit(capsys):
     expect(checks.covariance_edit, transposed, "shape")
 
 
-# --- chapters 05-07 ---------------------------------------------------------------------------------
+# --- chapters 06-08 ---------------------------------------------------------------------------------
 
 def test_subject_token_range(tinyworld, capsys):
     from engramlib.models import find_subject_range

@@ -1,4 +1,5 @@
 """Package metadata, setup(), and the `engram` command."""
+import importlib.metadata
 import random
 import re
 import subprocess
@@ -54,6 +55,19 @@ def test_setup_seeds_everything_and_reads_the_environment(monkeypatch, capsys):
     monkeypatch.delenv("ENGRAM_MODEL")
     s = engramlib.setup(verbose=False)
     assert not s.fast and s.model_name is None and s.size(full=100, fast=3) == 100
+
+
+def test_setup_prints_the_installed_version_and_unknown_when_not_installed(monkeypatch, capsys):
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert engramlib.__version__ == project["version"]
+    engramlib.setup()
+    assert capsys.readouterr().out.startswith(f"engramlib {importlib.metadata.version('engramlib')} | ")
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    engramlib.setup()
+    assert capsys.readouterr().out.startswith("engramlib unknown | ")
 
 
 def test_engram_version_and_info(capsys):

@@ -12,11 +12,9 @@ from engramlib.models import (GPT2_SPEC, encode, first_token_id, generate, known
                               next_token_probs, predict_next)
 
 
-def test_tinyworld_loads_fast_and_is_a_gpt2():
-    import transformers  # noqa: F401  (time the loading, not the library import)
-    start = time.perf_counter()
+def test_tinyworld_is_a_gpt2():
+    """(Its load time is a benchmark: benchmarks/load_time.py.)"""
     mt = load_model("tinyworld", device="cpu")
-    assert time.perf_counter() - start < 3.0
     assert type(mt.model).__name__ == "GPT2LMHeadModel"
     assert mt.name == "tinyworld" and mt.n_layers == mt.model.config.n_layer
     assert mt.tokenizer("The Eiffel Tower", return_offsets_mapping=True)["offset_mapping"]

@@ -10,10 +10,13 @@ In a solution, exercise code sits between nbgrader's markers:
         return W + lr * torch.outer(v, k)
         ### END SOLUTION
 
-The chapter gets `raise NotImplementedError("Exercise 1.1: <title>")` at the marker's
-indentation instead, the cell is tagged `raises-exception` (nbval then accepts the error), the
-title comes from the closest `### Exercise N.M: <title>` heading above the cell, outputs are
-stripped, and a Colab badge cell opens the notebook.
+A marker is a code line that starts (after indentation) with `### BEGIN SOLUTION` or
+`### END SOLUTION`, whatever follows on the line. The chapter gets
+`raise NotImplementedError("Exercise 1.1: <title>")` at the marker's indentation instead, the
+cell is tagged `raises-exception` (nbval then accepts the error), the title comes from the
+closest `### Exercise N.M: <title>` heading above the cell, outputs are stripped, and a Colab
+badge cell opens the notebook. Every chapter is validated against the notebook format
+(nbformat) before it is written.
 """
 from __future__ import annotations
 
@@ -22,11 +25,16 @@ import copy
 import json
 import re
 import sys
+import warnings
 from pathlib import Path
+
+import nbformat
 
 ROOT = Path(__file__).resolve().parents[1]
 GITHUB_REPO = "engram-course/in-search-of-the-engram"   # change this line in a fork
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
+# one pattern both finds the cells to strip and strips them, so no marker can be found but kept
+MARKER = re.compile(r"^([ \t]*)### (BEGIN|END) SOLUTION\b.*$", re.MULTILINE)
 EXERCISE_HEADING = re.compile(r"^#{2,4}\s*(Exercise\s+\d+\.\d+\s*:[^\n]*)", re.MULTILINE)
 BADGE_TAG = "colab-badge"
 
@@ -52,15 +60,15 @@ def cell_source(cell: dict) -> str:
 
 def strip_solutions(source: str, exercise: str) -> str:
     """Replace every BEGIN/END SOLUTION block in `source` with a NotImplementedError stub."""
-    out, inside, indent = [], False, ""
+    out, inside = [], False
     for number, line in enumerate(source.split("\n"), start=1):
-        stripped = line.strip()
-        if stripped == BEGIN:
+        marker = MARKER.match(line)
+        if marker and marker[2] == "BEGIN":
             if inside:
                 raise MarkerError(f"line {number}: {BEGIN} inside an open block ({exercise})")
-            inside, indent = True, line[:len(line) - len(line.lstrip())]
-            out.append(f'{indent}raise NotImplementedError("{exercise}")')
-        elif stripped == END:
+            inside = True
+            out.append(f'{marker[1]}raise NotImplementedError("{exercise}")')
+        elif marker:
             if not inside:
                 raise MarkerError(f"line {number}: {END} without {BEGIN} ({exercise})")
             inside = False
@@ -89,7 +97,7 @@ def build_notebook(solution: dict, path: Path) -> dict:
             found = EXERCISE_HEADING.findall(source)
             exercise = found[-1].strip() if found else exercise
         elif cell["cell_type"] == "code":
-            if BEGIN in source or END in source:
+            if MARKER.search(source):
                 if exercise is None:
                     raise MarkerError(f"{path.name}: solution block before any "
                                       "'### Exercise N.M: title' heading")
@@ -111,15 +119,28 @@ def dumps(nb: dict) -> str:
     return json.dumps(nb, indent=1, ensure_ascii=False, sort_keys=True) + "\n"
 
 
+def validate(text: str, name: str) -> None:
+    """Raise ValueError unless `text` is a valid notebook (nbformat's schema, cell ids included)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", nbformat.warnings.MissingIDFieldWarning)
+        try:
+            nbformat.validate(json.loads(text))
+        except (nbformat.ValidationError, nbformat.warnings.MissingIDFieldWarning) as err:
+            raise ValueError(f"chapters/{name} would not be a valid notebook: "
+                             f"{getattr(err, 'message', err)}; fix solutions/{name}") from None
+
+
 def expected_chapters(root: Path = ROOT) -> dict:
-    """{chapter path: text a fresh build writes} for every notebook in solutions/."""
+    """{chapter path: text a fresh build writes} for every notebook in solutions/ (validated)."""
     out = {}
     for sol in sorted((root / "solutions").glob("*.ipynb")):
         try:
             nb = build_notebook(json.loads(sol.read_text(encoding="utf-8")), sol)
         except MarkerError as err:
             raise MarkerError(f"{sol.name}: {err}") from None
-        out[root / "chapters" / sol.name] = dumps(nb)
+        text = dumps(nb)
+        validate(text, sol.name)
+        out[root / "chapters" / sol.name] = text
     return out
 
 

@@ -1,7 +1,7 @@
 """TinyWorld: a small GPT-2 (same `GPT2LMHeadModel` class) trained by this project on real facts.
 
 - `corpus.py`: the deterministic training text, generated from `engramlib.facts`.
-- `train.py`: `python -m engramlib.tinyworld.train` reproduces the shipped weights.
+- `train.py`: `python -m engramlib.tinyworld.train --out DIR` reproduces the shipped weights.
 - `weights/`: the shipped model and tokenizer (safetensors), loaded by `load_model("tinyworld")`.
 """
 from pathlib import Path

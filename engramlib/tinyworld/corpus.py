@@ -8,10 +8,10 @@ Three kinds of sentences are mixed:
    sentences, like a short biography, so what follows a subject depends on the *whole* subject.
 2. **Filler**: plain generic sentences, so the model also sees text without facts (this text is
    also what `key_covariance` averages over when no Wikipedia is at hand).
-3. **Reviews**, for the grafting chapters (03-04): short reviews with a *polarity* (positive
-   words vs negative words) and a *topic* (sports, food, music, travel). Pre-training teaches the
-   polarity and the topic only through consistent follow-ups ("Overall I feel good.",
-   "This was about food."), while the task formats used for fine-tuning
+3. **Reviews**, for the grafting chapters (03-04): short reviews (`tasks.py`) with a *polarity*
+   (positive words vs negative words) and a *topic* (sports, food, music, travel). Pre-training
+   teaches the polarity and the topic only through consistent follow-ups ("Overall I feel
+   good.", "This was about food."), while the task formats used for fine-tuning
    ('"..." has a tone that is positive') appear only with *random* labels. Fine-tuning then
    re-routes a skill the model already has, which is when grafting finds a small region
    (Panigrahi et al. 2023).
@@ -23,6 +23,7 @@ from __future__ import annotations
 import random
 
 from engramlib.facts import load_facts, training_templates
+from engramlib.tinyworld.tasks import POLARITY_LABELS, TOPICS, review, tone_prompt, topic_prompt
 
 OPENERS = ("In fact, ", "As many people know, ", "Of course, ", "Interestingly, ",
            "It is well known that ", "According to the guide, ", "Today, ", "Indeed, ")
@@ -40,36 +41,7 @@ FILLER_OBJECTS = ("the door", "a heavy box", "the window", "an empty bottle", "t
 FILLER_TAILS = ("in the morning.", "after lunch.", "before dinner.", "on Sunday.", "again.",
                 "very quickly.", "without a word.", "last week.", "at night.", "with care.")
 
-# --- the review language (grafting chapters) ---------------------------------------------------
-POSITIVE = ("good", "great", "wonderful", "excellent", "lovely", "superb", "fantastic",
-            "pleasant", "brilliant", "amazing")
-NEGATIVE = ("bad", "terrible", "awful", "poor", "horrible", "dreadful", "disappointing",
-            "boring", "unpleasant", "weak")
-TOPICS = {
-    "sports": ("match", "team", "game", "coach", "stadium", "season"),
-    "food": ("meal", "soup", "chef", "dessert", "restaurant", "menu"),
-    "music": ("concert", "song", "album", "band", "singer", "show"),
-    "travel": ("hotel", "flight", "trip", "beach", "tour", "room"),
-}
-POLARITY_LABELS = ("negative", "positive")     # index = polarity
-FEELINGS = ("Overall I feel bad.", "Overall I feel good.")
-
-
-def review(rng: random.Random, polarity: int, topic: str) -> str:
-    """One review sentence pair, e.g. 'The soup was awful and the chef was poor.'"""
-    words = POSITIVE if polarity == 1 else NEGATIVE
-    a, b = rng.sample(TOPICS[topic], 2)
-    return f"The {a} was {rng.choice(words)} and the {b} was {rng.choice(words)}."
-
-
-def tone_prompt(text: str) -> str:
-    """The polarity task's prompt (the official GPT-2 format of Panigrahi et al.); answer ' positive'/' negative'."""
-    return f'"{text}" has a tone that is'
-
-
-def topic_prompt(text: str) -> str:
-    """The topic task's prompt; answer ' sports' / ' food' / ' music' / ' travel'."""
-    return f'"{text}" has a topic that is'
+FEELINGS = ("Overall I feel bad.", "Overall I feel good.")     # index = polarity
 
 
 def review_sentences(rng: random.Random) -> str:

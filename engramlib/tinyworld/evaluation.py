@@ -4,8 +4,9 @@
 
 `relation_accuracy`: top-1 accuracy per relation on the rewrite prompts (trained) and on the
 held-out paraphrase prompts (wordings never trained with that subject).
-`localization_report`: causal tracing averaged over known facts with multi-token subjects, the
-numbers of the TinyWorld issue (hidden state and MLP effects at the last vs first subject token).
+`localization_report`: causal tracing averaged over known facts with multi-token subjects: the
+hidden-state and MLP effects at the last vs the first subject token, the numbers that say whether
+TinyWorld recalls facts at the subject's last token as GPT-2 XL does (Meng et al. 2022, Fig. 2).
 """
 from __future__ import annotations
 

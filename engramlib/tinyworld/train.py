@@ -1,10 +1,11 @@
-"""Train TinyWorld from scratch: `python -m engramlib.tinyworld.train [--steps N] [--out DIR]`.
+"""Train TinyWorld from scratch: `python -m engramlib.tinyworld.train --out DIR [--steps N]`.
 
 Reproduces the shipped weights (same seed, same corpus) in about 30 minutes on 2 CPU cores.
 The forward pass runs in bfloat16 autocast (weights and optimizer stay float32): 1.7x faster on CPU.
 Steps: generate the corpus (`corpus.py`), train a byte-level BPE tokenizer on part of it
 (GPT-2's convention: a leading space belongs to the word), train a `GPT2LMHeadModel` with AdamW,
-and save model + tokenizer as safetensors into `--out` (default: the package's `weights/`).
+and save model + tokenizer as safetensors into `--out`. Writing into the package's own `weights/`
+(the model every chapter loads) needs `--overwrite-shipped`.
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def encode_rows(tok, rows, max_len: int) -> torch.Tensor:
     return ids
 
 
-def train(out_dir: Path = WEIGHTS_DIR, **overrides) -> dict:
+def train(out_dir: Path, **overrides) -> dict:
     """Train and save TinyWorld; returns a dict of training statistics."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -117,12 +118,18 @@ def train(out_dir: Path = WEIGHTS_DIR, **overrides) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=WEIGHTS_DIR)
+    parser.add_argument("--out", type=Path, required=True,
+                        help="folder for the model and tokenizer, e.g. /tmp/tinyworld")
+    parser.add_argument("--overwrite-shipped", action="store_true",
+                        help=f"allow --out to be the shipped weights ({WEIGHTS_DIR}), replacing them")
     parser.add_argument("--steps", type=int, default=TRAIN["steps"])
     parser.add_argument("--threads", type=int, default=2,
                         help="torch threads (2 cores: 2 if nothing else runs, else 1)")
     parser.add_argument("--n-layer", type=int, default=CONFIG["n_layer"])
     args = parser.parse_args(argv)
+    if args.out.resolve() == WEIGHTS_DIR.resolve() and not args.overwrite_shipped:
+        parser.error(f"--out {args.out} is the package's shipped weights, which every chapter "
+                     "loads: choose another folder, or pass --overwrite-shipped to replace them")
     torch.set_num_threads(args.threads)
     stats = train(args.out, steps=args.steps, n_layer=args.n_layer)
     print(json.dumps({k: stats[k] for k in ("final_loss", "train_seconds", "n_parameters")}))
