@@ -22,7 +22,7 @@ from engramlib import rome  # noqa: E402
 from engramlib.facts import counterfact_records  # noqa: E402
 from engramlib.hooks import Trace  # noqa: E402
 from engramlib.models import (ModelAndTokenizer, encode_with_targets, load_model,  # noqa: E402
-                              prepare_tokenizer, target_nll_from_logits)
+                              prepare_tokenizer)
 
 REQUEST = {"prompt": "{} is located in the city of", "subject": "Space Needle",
            "target_new": {"str": "Paris"}, "target_true": {"str": "Seattle"}}

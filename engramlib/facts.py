@@ -219,9 +219,12 @@ def _read_json(path_or_url: str) -> list:
     target = _cache_dir() / Path(path_or_url).name
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.{os.getpid()}.part")
         try:
-            urllib.request.urlretrieve(path_or_url, target)
+            urllib.request.urlretrieve(path_or_url, partial)
+            os.replace(partial, target)          # atomic: an interrupted download leaves no file
         except OSError as err:
+            partial.unlink(missing_ok=True)
             raise RuntimeError(
                 f"could not download {path_or_url} ({err}). Offline? Use "
                 "engramlib.facts.counterfact_records() (TinyWorld's facts) instead, or pass a "

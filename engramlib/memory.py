@@ -5,6 +5,7 @@ Many keys at once are the rows of K (n, d_k); their values the rows of V (n, d_v
 
 Formation    hebbian_store / hebbian_update     W += lr · v kᵀ  ("fire together, wire together")
 Retrieval    recall, cleanup                     v̂ = W k, then the nearest stored value
+Capacity     capacity_curve, capacity_n_star     recall quality against the number of memories n
 Forgetting   anti_hebbian_forget                 W -= lr · v kᵀ
 Modification naive_edit, rank_one_edit           W + (v* − W k*) uᵀ / (uᵀ k*),  u = k* or C⁻¹ k*
 
@@ -133,6 +134,34 @@ def capacity_curve(d: int, n_values, trials: int = 5, noise: float = 0.0, seed: 
                 scores.append((cleanup(recall(W, cues), V) == torch.arange(n)).double().mean().item())
         out.append(sum(scores) / trials)
     return out
+
+
+def first_below(accuracy, threshold: float = 0.9, start: int = 1) -> int:
+    """The smallest n >= start with accuracy(n) < threshold, for an accuracy that falls with n.
+
+    Doubles n until the accuracy falls below `threshold`, then bisects: about 2·log2(n*) calls of
+    `accuracy` instead of n*. Invariant of the bisection: accuracy(lo) >= threshold > accuracy(hi).
+    With a noisy accuracy it returns a crossing (accuracy(n*) < threshold <= accuracy(n* - 1))."""
+    if accuracy(start) < threshold:
+        return start
+    lo, hi = start, 2 * start
+    while accuracy(hi) >= threshold:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if accuracy(mid) < threshold:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def capacity_n_star(d: int, threshold: float = 0.9, trials: int = 3, seed: int = 0,
+                    noise: float = 0.0) -> int:
+    """n*: the smallest number of memories at which Hebbian recall after cleanup (the mean of
+    `capacity_curve(..., measure="cleanup")` over `trials`) falls below `threshold`, in d dimensions."""
+    return first_below(lambda n: capacity_curve(d, [n], trials=trials, noise=noise, seed=seed)[0],
+                       threshold)
 
 
 # --- forgetting and modification --------------------------------------------------------------

@@ -23,10 +23,15 @@ class Settings:
     device: str          # "cuda", "mps" or "cpu"
     model_name: str | None  # from ENGRAM_MODEL; None lets load_model choose
     fast: bool           # ENGRAM_FAST=1: shrink sweeps so every notebook runs in CI
+    smoke: bool = False  # ENGRAM_SMOKE=1: smallest sizes; the test suite runs the student notebooks so
 
-    def size(self, full, fast):
-        """Pick a sweep size: `full` normally, `fast` under ENGRAM_FAST=1."""
-        return fast if self.fast else full
+    def size(self, full, fast, smoke=None):
+        """Pick a sweep size: `full` normally, `fast` under ENGRAM_FAST=1, and `smoke` (when given)
+        under ENGRAM_SMOKE=1, which the test suite sets for the student notebooks in chapters/:
+        they must run end to end, while the solutions check the chapter's numbers at `fast` size."""
+        if self.smoke and smoke is not None:
+            return smoke
+        return fast if self.fast or self.smoke else full
 
 
 def seed_everything(seed: int = 0) -> None:
@@ -75,14 +80,14 @@ def setup(seed: int = 0, verbose: bool = True) -> Settings:
     device = pick_device()
     settings = Settings(seed=seed, device=device,
                         model_name=os.environ.get("ENGRAM_MODEL") or None,
-                        fast=_env_flag("ENGRAM_FAST"))
+                        fast=_env_flag("ENGRAM_FAST"), smoke=_env_flag("ENGRAM_SMOKE"))
     set_plot_style()
     if verbose:
         import transformers
         print(f"engramlib {engramlib_version()} | python {sys.version.split()[0]} | "
               f"torch {torch.__version__} | transformers {transformers.__version__} | "
               f"device {device} | model {settings.model_name or 'auto'}"
-              f"{' | FAST' if settings.fast else ''}")
+              f"{' | FAST' if settings.fast else ''}{' | SMOKE' if settings.smoke else ''}")
         if device == "cpu" and "google.colab" in sys.modules:
             print("No GPU: in Colab choose Runtime > Change runtime type > T4 GPU, then rerun. "
                   "TinyWorld runs fine on the CPU.")

@@ -1,5 +1,6 @@
 """Shared fixtures: TinyWorld, and a GPT-2 small stand-in (random weights, GPT-2's real shapes and
 real BPE tokenizer) for the code paths that GPT-2 takes on Colab."""
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,19 @@ from engramlib.models import ModelAndTokenizer, load_model, prepare_tokenizer
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Student notebooks (chapters/) run with ENGRAM_SMOKE=1: every cell must run with the exercises
+    unsolved, at the smallest sizes (`Settings.size(..., smoke=...)`); the solutions run at the
+    FAST sizes and assert the chapter's numbers. nbval starts a notebook's kernel while setting up
+    its first cell, after this hook, so the kernel inherits the variable."""
+    if item.path.suffix == ".ipynb":
+        if item.path.parent.name == "chapters":
+            os.environ["ENGRAM_SMOKE"] = "1"
+        else:
+            os.environ.pop("ENGRAM_SMOKE", None)
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +38,17 @@ def gpt2_standin():
     model = GPT2LMHeadModel(GPT2Config()).eval().requires_grad_(False)
     tokenizer = prepare_tokenizer(GPT2TokenizerFast.from_pretrained(FIXTURES / "gpt2_tokenizer"))
     return ModelAndTokenizer(model=model, tokenizer=tokenizer, name="gpt2-standin")
+
+
+@pytest.fixture(scope="session")
+def gpt2_shapes_4_layers():
+    """GPT-2 small's width, heads and vocabulary with 4 layers (random weights): GPT-2's shapes for
+    the tests whose cost grows with depth squared (the loop trace)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=4)).eval().requires_grad_(False)
+    tokenizer = prepare_tokenizer(GPT2TokenizerFast.from_pretrained(FIXTURES / "gpt2_tokenizer"))
+    return ModelAndTokenizer(model=model, tokenizer=tokenizer, name="gpt2-shapes-4-layers")
 
 
 @pytest.fixture(params=["tinyworld", "gpt2_standin"])

@@ -54,13 +54,13 @@ def test_readme_lists_every_chapter_with_its_number_and_badge():
 
 def _check_numbers():
     """{check function name: 'N.M'} from the 'Exercise N.M' in each check's docstring."""
-    tree = ast.parse((ROOT / "engramlib" / "checks.py").read_text(encoding="utf-8"))
     out = {}
-    for node in tree.body:
-        if isinstance(node, ast.FunctionDef):
-            m = re.match(r"Exercise (\d+\.\d+)", ast.get_docstring(node) or "")
-            if m:
-                out[node.name] = m.group(1)
+    for module in sorted((ROOT / "engramlib" / "checks").glob("*.py")):
+        for node in ast.parse(module.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.FunctionDef):
+                m = re.match(r"Exercise (\d+\.\d+)", ast.get_docstring(node) or "")
+                if m:
+                    out[node.name] = m.group(1)
     return out
 
 
@@ -79,3 +79,45 @@ def test_each_exercise_calls_the_check_with_its_number(path):
             if name in numbers and heading is not None:
                 assert numbers[name] == heading, (f"{path.name}: exercise {heading} calls checks.{name}, "
                                                   f"whose docstring says Exercise {numbers[name]}")
+
+
+@pytest.mark.parametrize("path", SOLUTIONS + [ROOT / "README.md"], ids=lambda p: p.name)
+def test_numbers_next_to_chapter_names_are_the_chapters_numbers(path):
+    """'06 causal tracing' in a course map must be chapter 06's number (catches a missed renumbering)."""
+    text = path.read_text(encoding="utf-8") if path.suffix == ".md" else markdown(path)
+    for p in SOLUTIONS:
+        words = p.stem[3:].replace("_", "[ -]")
+        for number in re.findall(rf"\b(\d\d) {words}\b", text, flags=re.IGNORECASE):
+            assert number == p.name[:2], f"{path.name} calls {p.stem[3:]} chapter {number}, it is {p.name[:2]}"
+
+
+def _solution_lines(path: Path) -> set:
+    """Lines of code between the solution markers, whitespace-normalised (trivial lines dropped)."""
+    lines, inside = set(), False
+    for cell in json.loads(path.read_text(encoding="utf-8"))["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        src = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
+        for line in src.splitlines():
+            if "BEGIN SOLUTION" in line:
+                inside = True
+            elif "END SOLUTION" in line:
+                inside = False
+            elif inside:
+                norm = " ".join(line.split())
+                if len(norm.replace(" ", "")) >= 10 and not norm.startswith("#"):
+                    lines.add(norm)
+                    lines.add(norm.removeprefix("return "))                 # the expression returned
+                    if re.match(r"^[\w, \[\]]+ = ", norm):
+                        lines.add(norm.split(" = ", 1)[1])                  # the right-hand side
+    return {line for line in lines if len(line.replace(" ", "")) >= 10}
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.name)
+def test_hints_do_not_contain_the_solutions_code(path):
+    solution = _solution_lines(path)
+    for block in re.findall(r"<details>(.*?)</details>", markdown(path), flags=re.S):
+        pieces = block.splitlines() + re.findall(r"`([^`\n]+)`", block)      # lines and inline code
+        for piece in pieces:
+            norm = " ".join(piece.strip().strip("`").split())
+            assert norm not in solution, f"{path.name}: a hint gives away the solution's {norm!r}"

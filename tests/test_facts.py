@@ -1,5 +1,6 @@
 """The fact table, the CounterFact-style records, and the TinyWorld corpus built from them."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -79,6 +80,18 @@ def test_load_counterfact_offline_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(F.urllib.request, "urlretrieve", no_network)
     with pytest.raises(RuntimeError, match="Offline"):
         F.load_known_facts()
+
+
+def test_an_interrupted_download_leaves_no_file_behind(tmp_path, monkeypatch):
+    monkeypatch.setenv("ENGRAM_CACHE", str(tmp_path))
+
+    def half_download(url, filename):
+        Path(filename).write_text('[{"case_id": 0, "truncat')
+        raise OSError("connection reset")
+    monkeypatch.setattr(F.urllib.request, "urlretrieve", half_download)
+    with pytest.raises(RuntimeError, match="Offline"):
+        F.load_known_facts()
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []     # nothing to reuse next time
 
 
 def test_no_phrasing_contains_another_of_its_relation():

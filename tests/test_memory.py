@@ -115,3 +115,23 @@ def test_bad_inputs_raise():
         M.correlated_keys(3, 4, rho=1.0)
     with pytest.raises(ValueError, match="keys but"):
         M.hebbian_store(M.random_keys(3, 4), M.random_keys(2, 4))
+
+
+def test_first_below_finds_the_first_crossing_with_few_calls():
+    calls = []
+
+    def accuracy(n):
+        calls.append(n)
+        return 1.0 if n < 37 else 0.9 if n < 40 else 0.5
+    assert M.first_below(accuracy, 0.9) == 40          # exactly 0.9 (n = 37-39) is not below 0.9
+    assert len(calls) < 20
+    assert M.first_below(lambda n: 1.0 if n < 5000 else 0.0, 0.9) == 5000
+    assert M.first_below(lambda n: 0.0, 0.9) == 1
+    assert M.first_below(lambda n: 1 / (1 + n / 100), 0.5) == 101
+
+
+def test_capacity_n_star_is_where_cleanup_recall_crosses_the_threshold_and_grows_faster_than_d():
+    n32, n64 = M.capacity_n_star(32, trials=2), M.capacity_n_star(64, trials=2)
+    acc = lambda d, n: M.capacity_curve(d, [n], trials=2)[0]
+    assert acc(64, n64) < 0.9 <= acc(64, n64 - 1)
+    assert n64 > 2 * n32                                   # after cleanup: faster than linear in d

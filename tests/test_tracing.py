@@ -15,8 +15,12 @@ SHORT = "The Space Needle is in the city of"           # short: the loop is slow
 AT_START = "Space Needle is in the city of"             # subject at token 0, as the AIE prompts
 
 
+@pytest.mark.parametrize("model", ["tinyworld", "gpt2_shapes_4_layers"])
 @pytest.mark.parametrize("kind", [None, "mlp", "attn"])
-def test_fast_trace_equals_loop(any_model, kind):
+def test_fast_trace_equals_loop(request, model, kind):
+    """On TinyWorld and on GPT-2 small's shapes (width 768, 12 heads, 50,257 tokens; 4 layers keep
+    the loop's cost down: it grows with depth squared)."""
+    any_model = request.getfixturevalue(model)
     kwargs = dict(kind=kind, samples=2, window=4, answer="Seattle")
     ref = trace_loop(any_model, SHORT, SUBJECT, **kwargs)
     fast = trace(any_model, SHORT, SUBJECT, max_rows=20, **kwargs)   # small chunks on purpose

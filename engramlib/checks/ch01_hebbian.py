@@ -1,0 +1,195 @@
+"""Checks for chapter 01: Hebbian memory."""
+from __future__ import annotations
+
+import torch
+
+from engramlib.checks._common import _call, _close, _fail, _ok, _update_rule
+
+
+def hebbian_update(fn):
+    """Exercise 1.1: fn(W, k, v, lr) -> W + lr · v kᵀ."""
+    _update_rule(fn, "hebbian_update", +1.0)
+    _ok("hebbian_update")
+
+
+def _cleanup_cases():
+    """(v_hat, V, right index, index by raw dot product, index by Euclidean distance)."""
+    f = lambda rows: torch.tensor(rows, dtype=torch.float64)
+    return [
+        # a long row wins the raw dot product; the right one is closest in angle (and in distance)
+        (f([0.5, 0.9]), f([[10., 0.], [0.6, 0.8], [-1., 0.]]), 1, 0, 1),
+        # v_hat is short: the nearest row in distance is a short one pointing elsewhere
+        (f([0.3, 0.05]), f([[0., 0.3], [-1., 0.], [5., 0.]]), 2, 2, 0),
+        # the answer is row 0 here (a function that ignores its inputs cannot pass all three)
+        (f([-0.2, -1.0]), f([[-0.3, -0.8], [0., 0.3], [1., 1.]]), 0, 0, 0),
+    ]
+
+
+def cleanup_recall(fn):
+    """Exercise 1.2: fn(v_hat, V) -> index of the row of V most similar (cosine) to v_hat."""
+    answers = []
+    for v_hat, V, _, _, _ in _cleanup_cases():
+        got = _call(fn, v_hat, V, shape_hint="v_hat is (d_v,), V is (m, d_v)")
+        if torch.is_tensor(got) and got.numel() > 1:
+            _fail("return the index of the best row (an int), not a vector")
+        if got is None:
+            _fail("your function returned None: did you forget to return the index?")
+        answers.append(int(got))
+    right = [case[2] for case in _cleanup_cases()]
+    if len(set(answers)) == 1:
+        _fail(f"your function returned {answers[0]} for three different inputs (the right answers are "
+              f"{right}): compute the similarity of v_hat to every row of V and return the best index")
+    for got, (v_hat, V, ok, by_dot, by_distance) in zip(answers, _cleanup_cases()):
+        if got == ok:
+            continue
+        cosines = torch.nn.functional.cosine_similarity(V, v_hat[None], dim=1)
+        if got == by_dot:
+            _fail(f"you picked row {got}, the one with the largest raw dot product (a long vector wins "
+                  "for being long): compare cosine similarity (normalise both sides)")
+        if got == by_distance:
+            _fail(f"you picked row {got}, the nearest in Euclidean distance: v_hat = {v_hat.tolist()} is "
+                  "short, so a short row pointing elsewhere is nearer than a long row pointing the same "
+                  "way. Recall is judged by direction: use cosine similarity")
+        if got == int(cosines.argmin()):
+            _fail(f"you picked row {got}, the least similar row: use argmax of the similarity, not argmin")
+        _fail(f"for v_hat = {v_hat.tolist()} expected row {ok}, got {got}")
+    _ok("cleanup_recall")
+
+
+def crosstalk(fn):
+    """Exercise 1.3: fn(K, V, i) -> Σ_{j≠i} (k_j · k_i) v_j, shape (d_v,)."""
+    from engramlib import memory
+    K, V = memory.random_keys(5, 8, seed=3), memory.random_keys(5, 4, seed=4)
+    got = _call(fn, K, V, 2, shape_hint="K is (n, d_k), V is (n, d_v); the overlaps K @ K[i] are (n,)")
+    ref = memory.crosstalk(K, V, 2)
+    if torch.is_tensor(got) and got.numel() == 1:
+        _fail("return the crosstalk vector (d_v,), not its norm")
+    if not torch.is_tensor(got) or got.shape != (4,):
+        _fail(f"expected a tensor of shape (d_v,) = (4,), got {getattr(got, 'shape', type(got))}")
+    if _close(got, ref + V[2] * (K[2] @ K[2])):
+        _fail("you included memory i itself: crosstalk is what the OTHER memories add (j ≠ i)")
+    if _close(got, memory.recall(memory.hebbian_store(K, V), K[2])):
+        _fail("that is the whole recall W k_i; subtract memory i's own contribution")
+    if not _close(got, ref):
+        _fail("values differ from Σ_{j≠i} (k_j · k_i) v_j")
+    _ok("crosstalk")
+
+
+# --- exercise 1.4: the capacity experiment ----------------------------------------------------------
+
+def _trial_accuracy(d, n, seed, variant="right"):
+    """One trial of the capacity experiment, the right way or with a typical mistake."""
+    from engramlib import memory as M
+    K, V = M.random_keys(n, d, seed=seed), M.random_keys(n, d, seed=seed + 1)
+    W = M.hebbian_store(K, V) if variant != "transposed" else K.T @ V
+    candidates = K if variant == "keys" else V
+    return (M.cleanup(M.recall(W, K), candidates) == torch.arange(n)).double().mean().item()
+
+
+def cleanup_accuracy(fn):
+    """Exercise 1.4 (step 1): fn(d, n, trials, seed) -> mean over trials of the fraction of n random
+    pairs recalled right after cleanup; trial t uses key seed seed + 1000 t, value seed + 1 more."""
+    d, n, trials, seed = 16, 24, 3, 5
+    seeds = [seed + 1000 * t for t in range(trials)]
+    per_trial = [_trial_accuracy(d, n, s) for s in seeds]
+    ref = sum(per_trial) / trials
+    got = _call(fn, d, n, trials, seed, shape_hint=f"keys and values are (n, d) = ({n}, {d}); W is (d_v, d_k)")
+    if torch.is_tensor(got):
+        if got.numel() != 1:
+            _fail(f"return one number (the mean accuracy), not a tensor of shape {tuple(got.shape)}")
+        got = got.item()
+    if not isinstance(got, (int, float)):
+        _fail(f"return the accuracy as a number, got {type(got).__name__}")
+    got = float(got)
+    near = lambda x: abs(got - x) < 1e-9
+    if got > 1 + 1e-9:
+        _fail(f"got {got:g}, more than 1: divide the number of memories recalled right by n "
+              "(and average over the trials) to get a fraction")
+    if near(ref):
+        _ok("cleanup_accuracy")
+        return
+    if near(per_trial[0]):
+        _fail("that is the accuracy of the first trial only: average over all trials, each with its own "
+              "keys and values (seed + 1000 t)")
+    if near(sum(_trial_accuracy(d, n, s, "transposed") for s in seeds) / trials):
+        _fail("you stored Kᵀ V, the transpose of the memory: W = Σ v_i k_iᵀ = Vᵀ K has shape "
+              "(d_v, d_k), so that W k returns a value")
+    if near(sum(_trial_accuracy(d, n, s, "keys") for s in seeds) / trials):
+        _fail("you cleaned up among the keys: the recall W k_i is compared with the stored VALUES")
+    _fail(f"expected {ref:.4f} (mean over {trials} trials of {per_trial}), got {got:.4f}: use the seeds "
+          "of the task so your numbers can be compared with the library's")
+
+
+class _Runaway(Exception):
+    pass
+
+
+def _counted(accuracy, limit=2000):
+    calls = []
+
+    def wrapped(n):
+        if isinstance(n, float) and n.is_integer():
+            n = int(n)
+        if not isinstance(n, int):
+            raise TypeError(f"the number of memories must be an int, got {n!r} (use // to halve)")
+        if n < 1:
+            raise ValueError(f"accuracy({n}) asked for: the number of memories starts at n = 1")
+        calls.append(n)
+        if len(calls) > limit:
+            raise _Runaway(f"accuracy was called {limit:,} times and your search had not stopped: make "
+                           "sure lo and hi get closer at every step")
+        return accuracy(n)
+    return wrapped, calls
+
+
+def find_n_star(fn):
+    """Exercise 1.4 (step 2): fn(accuracy, threshold) -> the smallest n with accuracy(n) < threshold,
+    found by doubling then bisection (accuracy falls with n)."""
+    def run(accuracy, threshold=0.9, limit=2000):
+        wrapped, calls = _counted(accuracy, limit)
+        got = _call(fn, wrapped, threshold)
+        if torch.is_tensor(got) and got.numel() == 1:
+            got = got.item()
+        if isinstance(got, float) and got.is_integer():
+            got = int(got)
+        if not isinstance(got, int):
+            _fail(f"return n* as an int, got {got!r}")
+        return got, calls
+
+    step = lambda n: 1.0 if n < 37 else 0.5
+    got, _ = run(step)
+    if got == 36:
+        _fail("off by one: you returned 36, the LAST n that still recalls ≥ 90 %; n* is the FIRST n "
+              "whose accuracy falls below the threshold (37 here)")
+    if got == 38:
+        _fail("off by one: you returned 38, but accuracy(37) is already below the threshold")
+    if got != 37:
+        _fail(f"accuracy(n) is 1.0 for n < 37 and 0.5 from 37 on: n* = 37, you returned {got}")
+
+    plateau = lambda n: 1.0 if n < 30 else 0.9 if n < 37 else 0.5
+    got, _ = run(plateau)
+    if got == 30:
+        _fail("you returned 30, where the accuracy is exactly 0.9: that is not BELOW 0.9 (use <, not ≤)")
+    if got != 37:
+        _fail(f"accuracy(n) is 1.0 below 30, exactly 0.9 on 30-36 and 0.5 from 37 on: n* = 37, got {got}")
+
+    smooth = lambda n: 1 / (1 + n / 100)          # falls below 0.5 from n = 101 on
+    got, _ = run(smooth, threshold=0.5)
+    if got == 12:
+        _fail("you compared with 0.9 whatever the threshold argument says: use `threshold`")
+    if got != 101:
+        _fail(f"with accuracy(n) = 1 / (1 + n/100) and threshold 0.5, n* = 101; you returned {got}")
+
+    far = lambda n: 1.0 if n < 5000 else 0.0
+    got, calls = run(far, limit=20000)
+    if got != 5000:
+        _fail(f"n* = 5000 here, you returned {got}: n* can lie beyond any fixed upper bound; keep "
+              "doubling n until the accuracy falls below the threshold, then bisect")
+    if len(calls) > 40:
+        _fail(f"right answer, but accuracy was called {len(calls):,} times; each call stores and recalls n "
+              "memories. Doubling then bisecting needs about 2·log2(n*) ≈ 25 calls")
+
+    got, _ = run(lambda n: 0.5)
+    if got != 1:
+        _fail(f"when even one memory is recalled below the threshold, n* = 1; you returned {got}")
+    _ok("find_n_star")

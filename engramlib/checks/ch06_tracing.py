@@ -1,0 +1,244 @@
+"""Checks for chapter 06: causal tracing."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from engramlib.checks._common import _call, _fail, _ok
+
+
+def _tinyworld(mt):
+    from engramlib.models import load_model
+    return mt or load_model("tinyworld", device="cpu")
+
+
+def subject_token_range(fn, mt=None):
+    """Exercise 6.1: fn(tokenizer, prompt, subject) -> (start, end), subject tokens start..end-1."""
+    from engramlib.models import find_subject_range
+    mt = _tinyworld(mt)
+    for prompt, subject in [("The Space Needle is located in the city of", "Space Needle"),
+                            ("Danielle Darrieux was born in", "Danielle Darrieux")]:
+        ref = find_subject_range(mt.tokenizer, prompt, subject)
+        got = _call(fn, mt.tokenizer, prompt, subject)
+        if not isinstance(got, (tuple, list)) or len(got) != 2:
+            _fail(f"return a pair (start, end), got {got!r}")
+        got = (int(got[0]), int(got[1]))
+        if got == (ref[0], ref[1] - 1):
+            _fail(f"got {got}, expected {ref}: `end` is exclusive (one past the last subject token), "
+                  "like Python slices")
+        if got == (prompt.find(subject), prompt.find(subject) + len(subject)) and got != ref:
+            _fail(f"got {got}: those look like character positions; return TOKEN indices "
+                  "(use return_offsets_mapping=True)")
+        if got != ref:
+            _fail(f"for {prompt!r} / {subject!r} got {got}, expected {ref}. Remember GPT-2 tokens "
+                  "carry their leading space: tokenizing the subject alone gives different tokens")
+    _ok("subject_token_range")
+
+
+def corrupt_subject(fn):
+    """Exercise 6.2: fn(embeds [B, T, d], start, end, noise [B-1, end-start, d]) -> new embeds
+    with the noise added to the subject tokens of rows 1.. (row 0 stays clean)."""
+    gen = torch.Generator().manual_seed(0)
+    embeds = torch.randn(4, 6, 3, generator=gen)
+    noise = torch.randn(3, 2, 3, generator=gen)
+    copy = embeds.clone()
+    got = _call(fn, embeds, 2, 4, noise, shape_hint="noise has one row per CORRUPTED copy (rows 1..)")
+    if not torch.equal(embeds, copy):
+        _fail("your function changed `embeds` in place: clone it first (embeds.clone())")
+    if not torch.is_tensor(got) or got.shape != embeds.shape:
+        _fail(f"return a tensor of the same shape {tuple(embeds.shape)}")
+    if not torch.equal(got[0], embeds[0]):
+        _fail("row 0 changed: it is the clean run and must stay uncorrupted")
+    ref = embeds.clone()
+    ref[1:, 2:4] += noise
+    outside = torch.ones(6, dtype=torch.bool)
+    outside[2:4] = False
+    if not torch.allclose(got[:, outside], embeds[:, outside]):
+        _fail("tokens outside start..end-1 changed (end is exclusive, like a Python slice)")
+    if not torch.allclose(got, ref):
+        _fail("expected embeds[1:, start:end] + noise on the subject tokens and nothing elsewhere")
+    _ok("corrupt_subject")
+
+
+# --- restoring states ------------------------------------------------------------------------------
+
+def _trace_inputs(mt, prompt: str, subject: str, noise_draws: torch.Tensor):
+    """What `tracing.trace_loop` prepares, but with the given noise draws (no random numbers)."""
+    from engramlib.models import find_subject_range
+    from engramlib.tracing import TraceInputs
+    ids = mt.tokenizer(prompt, return_tensors="pt")["input_ids"].to(mt.device)
+    start, end = find_subject_range(mt.tokenizer, prompt, subject)
+    with torch.no_grad():
+        clean = torch.softmax(mt.model(input_ids=ids).logits[0, -1].float(), -1)
+    answer = int(clean.argmax())
+    return TraceInputs(ids=ids, start=start, end=end, noise=float("nan"), noise_draws=noise_draws,
+                       answer_id=answer, high_score=clean[answer].item())
+
+
+@torch.no_grad()
+def _row_probs(mt, inputs, restore: dict) -> torch.Tensor:
+    """p(answer) in every row [1 + samples] of `tracing._corrupted_run`'s batch (row 0 clean, rows
+    1.. corrupted), restoring {module name: [token, ...]} from row 0. Only the sites asked for run."""
+    from engramlib.hooks import TraceDict
+    from engramlib.tracing import _corrupt
+    batch = inputs.ids.expand(inputs.noise_draws.shape[0] + 1, -1)
+
+    def edit(h, name):
+        if name == mt.spec.embedding:
+            return _corrupt(h, inputs)
+        h = h.clone()
+        h[1:, restore[name]] = h[0, restore[name]]
+        return h
+    with TraceDict(mt.model, [mt.spec.embedding] + list(restore), retain_output=False, edit_output=edit):
+        probs = torch.softmax(mt.model(input_ids=batch).logits[:, -1].float(), -1)
+    return probs[:, inputs.answer_id].cpu()
+
+
+def _draws(mt, subject: str, subject_tokens: int, samples: int = 3, seed: int = 0) -> torch.Tensor:
+    """Noise draws [samples, subject tokens, d] at 3 σ of the subject's embeddings, from the check's
+    own generator (nothing depends on the library's random numbers)."""
+    from engramlib.tracing import noise_level
+    gen = torch.Generator().manual_seed(seed)
+    draws = torch.randn(samples, subject_tokens, mt.model.config.n_embd, generator=gen)
+    return (draws * noise_level(mt, [subject])).to(mt.device)
+
+
+def restore_one_state(fn, mt=None):
+    """Exercise 6.3: fn(mt, prompt, subject, noise_draws, token=None, layer=None) -> p(answer)
+    averaged over the corrupted copies (one per row of noise_draws [samples, subject tokens, d]),
+    with block `layer`'s output at `token` copied from the clean run (token None: nothing restored).
+    The answer is the clean run's top prediction. Checked step by step: the corrupted run first,
+    then three restored sites, each against the same computation as `tracing.trace_loop`'s."""
+    from engramlib.hooks import Trace
+    from engramlib.models import find_subject_range
+    from engramlib.tracing import _corrupt
+    mt = _tinyworld(mt)
+    prompt, subject = "The Space Needle is located in the city of", "Space Needle"
+    start, end = find_subject_range(mt.tokenizer, prompt, subject)
+    draws = _draws(mt, subject, end - start)
+    inputs = _trace_inputs(mt, prompt, subject, draws)
+    T, L = inputs.ids.shape[1], mt.n_layers
+    block = mt.spec.layer.format
+    tol = 1e-4
+    hint = ("noise_draws has one row per CORRUPTED copy: the batch has len(noise_draws) + 1 rows, "
+            "and the noise goes into rows 1.. at the subject's tokens start:end")
+
+    # step 1: the corrupted run (nothing restored)
+    got = _call(fn, mt, prompt, subject, draws, shape_hint=hint)
+    low_rows = _row_probs(mt, inputs, {})
+    low = low_rows[1:].mean().item()
+    if not isinstance(got, (float, int)) and not (torch.is_tensor(got) and got.numel() == 1):
+        _fail(f"return one number, p(answer) averaged over the corrupted copies; got {type(got).__name__}"
+              + (f" of shape {tuple(got.shape)}" if torch.is_tensor(got) else ""))
+    got = float(got)
+    if abs(got - low) > tol:
+        if abs(got - inputs.high_score) < tol:
+            _fail(f"step 1 (nothing restored): you got the CLEAN probability {got:.4f}: no noise reached "
+                  "the model. Add noise_draws to the OUTPUT of the embedding module (mt.spec.embedding) "
+                  "in rows 1.., with Trace(..., edit_output=...) around the forward pass")
+        if abs(got - low_rows.mean().item()) < tol:
+            _fail(f"step 1 (nothing restored): {got:.4f} is the mean over ALL rows; row 0 is the clean "
+                  f"run: average rows 1.. only (expected {low:.4f})")
+        with torch.no_grad(), Trace(mt.model, mt.spec.embedding, edit_output=lambda h, n: _corrupt(h, inputs)):
+            probs = torch.softmax(mt.model(input_ids=inputs.ids.expand(len(draws) + 1, -1)).logits[:, -1].float(), -1)
+        wrong_answer = probs[1:].mean(0).argmax()         # the noisy rows' own favourite token
+        if wrong_answer != inputs.answer_id and abs(got - probs[1:, wrong_answer].mean().item()) < tol:
+            _fail("step 1 (nothing restored): you measured the corrupted runs' own favourite token; the "
+                  "answer is the CLEAN run's top prediction (row 0's argmax at the last position)")
+        _fail(f"step 1 (nothing restored): got {got:.4f}, expected the corrupted score {low:.4f}. Check "
+              "the noise: rows 1.. only, tokens start:end of the embedding output, the draws as given "
+              "(already scaled), and p(answer) at the LAST position")
+
+    # step 2: three sites, each restored alone
+    sites = [(end - 1, 1), (start, min(2, L - 1)), (T - 1, L // 2)]
+    for token, layer in sites:
+        ref_rows = _row_probs(mt, inputs, {block(layer): [token]})
+        ref = ref_rows[1:].mean().item()
+        got = float(_call(fn, mt, prompt, subject, draws, token=token, layer=layer, shape_hint=hint))
+        if abs(got - ref) <= tol:
+            continue
+        where = f"step 2, site (token {token} {mt.tokenizer.decode(inputs.ids[0, token])!r}, layer {layer})"
+        variants = {
+            "nothing": low,
+            "row 0": ref_rows.mean().item(),
+            "input": _row_probs(mt, inputs, {block(layer - 1): [token]})[1:].mean().item(),
+            "all tokens": _row_probs(mt, inputs, {block(layer): list(range(T))})[1:].mean().item(),
+            "from token on": _row_probs(mt, inputs, {block(layer): list(range(token, T))})[1:].mean().item(),
+            "mlp": _row_probs(mt, inputs, {mt.spec.mlp.format(layer): [token]})[1:].mean().item(),
+        }
+        same = lambda key: abs(got - variants[key]) < tol and abs(variants[key] - ref) > tol
+        if same("nothing"):
+            _fail(f"{where}: you got the corrupted score {got:.4f}; nothing was restored. Copy row 0's "
+                  f"output of block `layer` ({block(layer)}) at `token` into rows 1..")
+        if same("row 0"):
+            _fail(f"{where}: {got:.4f} averages row 0 (the clean run) in; average rows 1.. only")
+        if same("input"):
+            _fail(f"{where}: you restored block {layer}'s INPUT (block {layer - 1}'s output); restore the "
+                  f"OUTPUT of {block(layer)}")
+        if same("all tokens") or same("from token on"):
+            _fail(f"{where}: you restored more than one token; copy row 0's state at `token` only "
+                  "(h[1:, token] = h[0, token])")
+        if same("mlp"):
+            _fail(f"{where}: that restores the MLP's output; the hidden state is the whole block's output, "
+                  "the residual stream (mt.spec.layer)")
+        _fail(f"{where}: got {got:.4f}, expected {ref:.4f}")
+    _ok("restore_one_state")
+
+
+def trace_by_loop(fn, mt=None):
+    """Exercise 6.4: fn(mt, prompt, subject, noise_draws) -> scores [T, L]: p(answer) with block
+    l's output at token t restored, one site at a time (the loop of `tracing.trace_loop`),
+    compared with the library's batched `trace` on the same noise draws."""
+    from engramlib.fast_trace import trace
+    from engramlib.tracing import _prepare, noise_level
+    mt = _tinyworld(mt)
+    prompt, subject = "The Space Needle is in", "Space Needle"         # short: T x L forward passes
+    samples, seed, noise = 2, 3, noise_level(mt, ["Space Needle"])
+    draws = _prepare(mt, prompt, subject, samples, noise, None, seed).noise_draws
+    clock = time.perf_counter()
+    got = _call(fn, mt, prompt, subject, draws, shape_hint="loop over every token t and layer l")
+    t_loop, clock = time.perf_counter() - clock, time.perf_counter()
+    ref = trace(mt, prompt, subject, samples=samples, noise=noise, seed=seed)   # the same draws, batched
+    t_batched = time.perf_counter() - clock
+    T, L = len(ref.tokens), mt.n_layers
+    if not torch.is_tensor(got):
+        _fail(f"return a tensor of scores [tokens, layers] = ({T}, {L}), got {type(got).__name__}")
+    got = got.detach().float().cpu()
+    if got.shape == (L, T) and L != T:
+        _fail(f"got shape ({L}, {T}): one ROW per token and one COLUMN per layer, [T, L] = ({T}, {L})")
+    if got.shape != (T, L):
+        _fail(f"expected shape [tokens, layers] = ({T}, {L}), got {tuple(got.shape)}")
+    s = ref.subject_range[0]
+    if s > 0 and (got[:s] == 0).all():
+        _fail(f"the tokens before the subject (0..{s - 1}) are 0; restoring them changes nothing, so "
+              f"their score is the corrupted run's p(answer) ({ref.low_score:.4f}), not 0: run them too")
+    wrong = (got - ref.scores).abs() > 1e-4
+    if wrong.any():
+        t, l = [int(i) for i in wrong.nonzero()[0]]
+        _fail(f"(token {t}, layer {l}): got {got[t, l]:.4f}, the library's batched trace gives "
+              f"{ref.scores[t, l]:.4f} with the same noise. Does restore_one_state pass its check, and "
+              "does your loop pass (token, layer) in that order?")
+    print(f"  your loop: {T * L} forward passes in {t_loop:.2f} s; the library's batched trace: "
+          f"{t_batched:.2f} s; every score the same (max difference {(got - ref.scores).abs().max():.1e})")
+    _ok("trace_by_loop")
+
+
+def indirect_effect(fn):
+    """Exercise 6.5: fn(result, token, layer) -> scores[token, layer] - low_score."""
+    from engramlib.tracing import TraceResult
+    r = TraceResult(scores=torch.tensor([[0.1, 0.2], [0.5, 0.9]]), low_score=0.1, high_score=0.95,
+                    tokens=["A", "B"], subject_range=(0, 1), answer=" X", kind=None, window=1,
+                    noise=1.0)
+    got = float(_call(fn, r, 1, 0))
+    if abs(got - 0.5) < 1e-6:
+        _fail("that is the raw score p(answer) with the state restored; subtract the corrupted "
+              "score (low_score): the indirect effect is what the restoration brings BACK")
+    if abs(got - 0.45) < 1e-6:
+        _fail("you measured high_score - score (what is still missing); use score - low_score")
+    if abs(got - 0.4 / 0.85) < 1e-6:
+        _fail("that is the share of the total effect; the indirect effect is the plain difference "
+              "score - low_score")
+    if abs(got - 0.4) > 1e-6:
+        _fail(f"expected 0.4 for token 1, layer 0, got {got}")
+    _ok("indirect_effect")
