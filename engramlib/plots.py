@@ -63,3 +63,37 @@ def plot_aie(aie, ax=None, buckets=None, title: str | None = None):
                  f"(total effect {aie.total_effect:.2f})", fontsize=10)
     ax.legend(fontsize=8)
     return ax
+
+
+def plot_collapse(boards, title: str | None = None):
+    """The collapse dashboard of sequential editing (`memit.collapse_dashboard`): one panel per
+    measure against the number of edits, one line per run; the perplexity panel marks disabling
+    steps with a red line. boards: one dashboard dict or a list of them. Returns the figure."""
+    boards = [boards] if isinstance(boards, dict) else list(boards)
+    panels = (("edits_recalled", "edits recalled, top-1 (%)"),
+              ("neighborhood_score", "neighbourhood score NS (%)"),
+              ("unedited_accuracy", "unedited facts, top-1 (%)"),
+              ("paraphrase_accuracy", "their paraphrases, top-1 (%)"),
+              ("perplexity", "held-out perplexity"),
+              ("delta_norm", "‖W − W₀‖ over the edited layers"))
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.8))
+    for ax, (key, label) in zip(axes.flat, panels):
+        for board in boards:
+            if key == "delta_norm":
+                per_layer = list(board["delta_norm"].values())
+                y = [sum(v ** 2 for v in vals) ** 0.5 for vals in zip(*per_layer)] if per_layer \
+                    else [0.0] * len(board["n_edits"])
+            else:
+                y = board[key] if key == "perplexity" else [100 * v for v in board[key]]
+            ax.plot(board["n_edits"], y, "o-", ms=3,
+                    label=f"{board['method']} (batches of {board['batch_size']})")
+            if key == "perplexity":
+                for d in board["disabling"]:
+                    ax.axvline(d["n_edits"], color="red", alpha=0.4, lw=1)
+        ax.set_xlabel("number of edits so far")
+        ax.set_ylabel(label)
+        ax.set_title(label, fontsize=10)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(title or "Sequential editing: what the model still knows as edits pile up")
+    fig.tight_layout()
+    return fig

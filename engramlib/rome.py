@@ -376,14 +376,20 @@ def lower_blocks_replayed(mt: ModelAndTokenizer, layer: int, output_fn, containe
 
 
 def compute_v_star(mt: ModelAndTokenizer, request: dict, layer: int, hparams: ROMEHyperParams,
-                   templates=None, progress: bool = False) -> dict:
+                   templates=None, progress: bool = False, v_init_at: str = "mlp") -> dict:
     """Optimise δ, added to the MLP output of `layer` at the last subject token of every context
     template and of the KL prompt "{subject} is a", so that the templates continue with target_new
     (`v_star_loss`). Only the blocks above `layer` run in the optimisation loop.
 
-    Returns {"delta": δ (d_model,), "v_init": v₀ (d_model,) the MLP output at the bare prompt,
-    "v_init_norm", "losses": [loss per step], "terms": the last step's loss terms,
-    "forward_passes": number of optimisation forwards}."""
+    v_init_at: what v₀ (the scale of the weight decay and of the clamp) is: "mlp", the MLP output
+    at the bare prompt (ROME); "block", the block's output there, i.e. the residual stream (MEMIT's
+    z = v₀ + δ: adding δ to the MLP output adds it to the block output, so δ is the same).
+
+    Returns {"delta": δ (d_model,), "v_init": v₀ (d_model,) at the bare prompt, "v_init_norm",
+    "losses": [loss per step], "terms": the last step's loss terms, "forward_passes": number of
+    optimisation forwards}."""
+    if v_init_at not in ("mlp", "block"):
+        raise ValueError(f"v_init_at must be 'mlp' (ROME) or 'block' (MEMIT), got {v_init_at!r}")
     templates = templates or context_templates(mt)
     subject, target = request["subject"], request["target_new"]["str"]
     prompts = [_fill(t, request) for t in templates] + [f"{subject} is a"]
@@ -403,7 +409,7 @@ def compute_v_star(mt: ModelAndTokenizer, request: dict, layer: int, hparams: RO
     finally:
         hook.remove()
     h_layer = hidden_of(block_out["raw"]).detach()
-    v_init = t_mlp.output[0, lookup[0]].float()
+    v_init = (t_mlp.output if v_init_at == "mlp" else h_layer)[0, lookup[0]].float()
 
     delta = torch.zeros(mt.model.config.n_embd, device=mt.device, requires_grad=True)
     target_rows, target_pos = (labels != -100).nonzero(as_tuple=True)
