@@ -1,38 +1,48 @@
-# make lab   set up (once) and open the course in JupyterLab
-# make test  set up (once) and run every test, notebooks included
+# make lab     set up (once) and open the course in JupyterLab
+# make test    set up (once) and run every test, notebooks included
 #
-# PYTHON      the interpreter that creates the venv (default python3)
-# VENV        where the virtual environment lives (default .venv); VENV= uses the active
-#             environment instead (conda: conda env create -f environment.yml; conda activate engram)
-# TORCH_SPEC  how to install PyTorch (default torch>=2.1; CI pins a CPU build)
-# LAB_ARGS    extra arguments for jupyter lab (e.g. --no-browser --port 8899)
+# PYTHON       the interpreter that creates the venv (default python3)
+# VENV         where the virtual environment lives (default .venv); VENV= uses the active
+#              environment instead (conda: conda env create -f environment.yml; conda activate engram)
+# TORCH_SPEC   which PyTorch to install (default torch>=2.1; CI pins torch==2.13.0)
+# TORCH_INDEX  where pip looks for it, e.g. https://download.pytorch.org/whl/cpu for a CPU-only
+#              build (no CUDA wheels); empty (default): PyPI
+# LAB_ARGS     extra arguments for jupyter lab (e.g. --no-browser --port 8899)
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch>=2.1
+TORCH_INDEX ?=
 LAB_ARGS ?=
 PY := $(if $(VENV),$(VENV)/bin/python,$(PYTHON))
-STAMP := $(if $(VENV),$(VENV)/.engram-installed,.engram-installed)
+STAMP := $(if $(VENV),$(VENV)/,)
+TORCH_FROM := $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)",)
 
-.PHONY: setup lab test chapters clean
+.PHONY: setup setup-test setup-lab lab test chapters clean
 
-setup: $(STAMP)
+setup: setup-test setup-lab
+setup-test: $(STAMP).engram-test
+setup-lab: $(STAMP).engram-lab
 
-$(STAMP): pyproject.toml
+$(STAMP).engram-torch:
 ifneq ($(VENV),)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 endif
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
-	touch $(STAMP)
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TORCH_FROM)
+	touch $@
 
-lab: setup
+# the course's own dependencies: torch is already there, so pip keeps the build chosen above
+$(STAMP).engram-%: pyproject.toml $(STAMP).engram-torch
+	$(PY) -m pip install -q -e ".[$*]"
+	touch $@
+
+lab: setup-lab
 	$(PY) -m jupyterlab chapters/ $(if $(filter 0,$(shell id -u)),--allow-root,) $(LAB_ARGS)
 
-test: setup
+test: setup-test
 	$(PY) -m pytest
 
-chapters: setup
+chapters: setup-test
 	$(PY) tools/build_chapters.py
 
 clean:
-	rm -rf $(VENV) .engram-installed
+	rm -rf $(VENV) .engram-torch .engram-test .engram-lab

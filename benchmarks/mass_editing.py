@@ -116,6 +116,10 @@ def sequential(mt, records, args):
         for d in board["disabling"]:
             print(f"  disabling step at {d['n_edits']} edits: perplexity {d['perplexity_before']:.2f} -> "
                   f"{d['perplexity_after']:.2f} ({', '.join(d['subjects'][:5])})")
+    if args.save:
+        import json
+        Path(args.save).write_text(json.dumps(boards, default=str))
+        print(f"boards: {args.save}")
     if args.plot:
         from engramlib.plots import plot_collapse
         plot_collapse(list(boards.values())).savefig(args.plot, dpi=120, bbox_inches="tight")
@@ -186,6 +190,7 @@ def main(argv=None):
     parser.add_argument("--thresholds", type=float, nargs="+", default=[2e-3, 2e-2])
     parser.add_argument("--l2s", type=float, nargs="+", default=[1, 10])
     parser.add_argument("--plot", default=None, help="sequential: save the dashboard figure here")
+    parser.add_argument("--save", default=None, help="sequential: save the dashboards (JSON) here")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -2,7 +2,8 @@
 
 Where does a language model keep a memory, and can we edit it? The modules follow the course:
 `memory` (toy associative memories), `facts` and `tinyworld` (the offline model and its facts),
-`models` (loading GPT-2 or TinyWorld), `hooks`, `tracing`, `rome`, `evaluate`, `graft`, `plots`,
+`models` (loading GPT-2 or TinyWorld), `hooks`, `lens`, `tracing`, `rome`, `memit` (many edits at
+once and in sequence), `evaluate`, `graft`, `plots`,
 `checks` (exercise checks), `cli` (the `engram` command).
 """
 __version__ = "0.1.0"

@@ -628,7 +628,8 @@ def collapse_dashboard(mt: ModelAndTokenizer, records: list, method: str = "memi
     ("edits_recalled", "neighborhood_score", "unedited_accuracy", "paraphrase_accuracy",
     "perplexity", "seconds": editing time so far), "delta_norm": {layer: [...]},
     "steps": {"n_edits": [0, b, 2b, ...], "perplexity": [...]} (after every batch),
-    "disabling": [{"n_edits", "perplexity_before", "perplexity_after", "subjects"}]}."""
+    "disabling": [{"n_edits", "perplexity_before", "perplexity_after", "subjects"}]}; with keep_edits,
+    also "run": the `SequentialRun`, still applied (evaluate it, then `run.undo()`)."""
     every = every or batch_size
     if every % batch_size:
         raise ValueError(f"every ({every}) must be a multiple of batch_size ({batch_size})")
@@ -669,6 +670,8 @@ def collapse_dashboard(mt: ModelAndTokenizer, records: list, method: str = "memi
     measure(None)
     run = edit_sequentially(mt, requests, method, batch_size, hparams,
                             on_batch=lambda run, batch: measure(run), progress=progress)
-    if not keep_edits:
+    if keep_edits:
+        board["run"] = run
+    else:
         run.undo()
     return board

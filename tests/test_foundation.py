@@ -4,7 +4,10 @@ import random
 import re
 import subprocess
 import sys
-import tomllib
+try:
+    import tomllib                      # Python 3.11+
+except ModuleNotFoundError:             # Python 3.10: the [test] extra installs tomli
+    import tomli as tomllib
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +25,8 @@ def _name(spec: str) -> str:
 
 def test_environment_yml_installs_the_same_packages_as_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = {_name(s) for s in project["dependencies"] + project["optional-dependencies"]["dev"]}
+    wanted = {_name(s) for s in project["dependencies"] + project["optional-dependencies"]["test"]
+                                      + project["optional-dependencies"]["lab"] if ";" not in s}
     conda = {"pytorch": "torch"}
     listed = set()
     text = (ROOT / "environment.yml").read_text().split("dependencies:", 1)[1]
@@ -86,3 +90,11 @@ def test_engram_console_script_is_installed():
     exe = Path(sys.executable).parent / "engram"
     out = subprocess.run([str(exe), "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and engramlib.__version__ in out.stdout
+
+
+def test_python_versions_agree():
+    """pyproject, environment.yml and the README name the same lowest Python."""
+    lowest = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    version = re.fullmatch(r">=(3\.\d+)", lowest)[1]
+    assert f"python>={version}" in (ROOT / "environment.yml").read_text()
+    assert f"Python ≥ {version}" in (ROOT / "README.md").read_text()

@@ -32,6 +32,10 @@ import nbformat
 
 ROOT = Path(__file__).resolve().parents[1]
 GITHUB_REPO = "engram-course/in-search-of-the-engram"   # change this line in a fork
+# The release the notebooks belong to: the install cell pins its tag (v + pyproject's version), so
+# a Colab user gets the library these notebooks were written for, not whatever main holds that day.
+VERSION = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(encoding="utf-8"),
+                    re.MULTILINE)[1]
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 # one pattern both finds the cells to strip and strips them, so no marker can be found but kept
 MARKER = re.compile(r"^([ \t]*)### (BEGIN|END) SOLUTION\b.*$", re.MULTILINE)
@@ -44,7 +48,7 @@ SETUP_CELL = f"""# Setup (the same cell in every chapter): installs engramlib on
 try:
     import engramlib
 except ImportError:
-    get_ipython().run_line_magic("pip", "install -q git+https://github.com/{GITHUB_REPO}")
+    get_ipython().run_line_magic("pip", "install -q git+https://github.com/{GITHUB_REPO}@v{VERSION}")
     import engramlib
 settings = engramlib.setup()"""
 
