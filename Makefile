@@ -8,11 +8,13 @@
 # TORCH_INDEX  where pip looks for it, e.g. https://download.pytorch.org/whl/cpu for a CPU-only
 #              build (no CUDA wheels); empty (default): PyPI
 # LAB_ARGS     extra arguments for jupyter lab (e.g. --no-browser --port 8899)
+# PYTEST_ARGS  extra arguments for pytest (e.g. PYTEST_ARGS="--durations=20" or "-n 0" for one process)
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch>=2.1
 TORCH_INDEX ?=
 LAB_ARGS ?=
+PYTEST_ARGS ?=
 PY := $(if $(VENV),$(VENV)/bin/python,$(PYTHON))
 STAMP := $(if $(VENV),$(VENV)/,)
 TORCH_FROM := $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)",)
@@ -38,8 +40,10 @@ $(STAMP).engram-%: pyproject.toml $(STAMP).engram-torch
 lab: setup-lab
 	$(PY) -m jupyterlab chapters/ $(if $(filter 0,$(shell id -u)),--allow-root,) $(LAB_ARGS)
 
+# one worker per core (pytest-xdist), one thread each; --dist loadscope keeps every notebook's
+# cells on one worker and in order (nbval's advice for parallel runs)
 test: setup-test
-	$(PY) -m pytest
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -n auto --dist loadscope $(PYTEST_ARGS)
 
 chapters: setup-test
 	$(PY) tools/build_chapters.py

@@ -201,10 +201,11 @@ def knowledge_neurons(mt: ModelAndTokenizer, prompt_or_ids, answer: str, k: int 
 
 
 @contextlib.contextmanager
-def silence_neurons(mt: ModelAndTokenizer, layer: int, neurons, position=None):
-    """Inside the `with`, the listed MLP neurons of block `layer` are silent: their activation a_i
-    is 0 at token `position`, as Dai et al. (2022) suppress knowledge neurons. The hook is removed
-    on exit, so the model computes exactly what it did before.
+def scale_neurons(mt: ModelAndTokenizer, layer: int, neurons, factor: float, position=None):
+    """Inside the `with`, the listed MLP neurons of block `layer` have their activation a_i
+    multiplied by `factor` at token `position` (0 silences them, as Dai et al. (2022) suppress
+    knowledge neurons; 2 doubles them, as they amplify). The hook is removed on exit, so the model
+    computes exactly what it did before.
 
     neurons: ints in 0..m-1 (a list or a tensor).
     position: None (every token), an int (the same token in every row; -1 = last), or a tensor
@@ -215,30 +216,40 @@ def silence_neurons(mt: ModelAndTokenizer, layer: int, neurons, position=None):
         raise ValueError(f"neurons must lie in 0..{m - 1} (layer {layer}'s MLP has {m}); "
                          f"got {int(idx.min())}..{int(idx.max())}")
 
-    def silence(h, name):                   # h: [batch, T, m]
+    def scale(h, name):                     # h: [batch, T, m]
         h, cols = h.clone(), idx.to(h.device)
         if position is None:
-            h[..., cols] = 0
+            h[..., cols] *= factor
         elif torch.is_tensor(position):
             if position.shape != (h.shape[0],):
                 raise ValueError(f"position: one index per row ({h.shape[0]}), got shape {tuple(position.shape)}")
             rows = torch.arange(h.shape[0], device=h.device)
-            h[rows[:, None], position.to(h.device)[:, None], cols[None, :]] = 0
+            h[rows[:, None], position.to(h.device)[:, None], cols[None, :]] *= factor
         else:
-            h[:, _position(h.shape[1], position), cols] = 0
+            h[:, _position(h.shape[1], position), cols] *= factor
         return h
-    with Trace(mt.model, activation_name(mt, layer), edit_output=silence, retain_output=False):
+    with Trace(mt.model, activation_name(mt, layer), edit_output=scale, retain_output=False):
         yield
 
 
-def silence_sites(mt: ModelAndTokenizer, sites, position=None) -> contextlib.ExitStack:
-    """`silence_neurons` for (layer, neuron) pairs spread over several layers, as one `with`."""
+def silence_neurons(mt: ModelAndTokenizer, layer: int, neurons, position=None):
+    """`scale_neurons` with factor 0: the neurons are silent (a_i = 0) inside the `with`."""
+    return scale_neurons(mt, layer, neurons, 0.0, position)
+
+
+def scale_sites(mt: ModelAndTokenizer, sites, factor: float, position=None) -> contextlib.ExitStack:
+    """`scale_neurons` for (layer, neuron) pairs spread over several layers, as one `with`."""
     stack = contextlib.ExitStack()
     sites = list(sites)
     try:
         for layer in sorted({l for l, _ in sites}):
-            stack.enter_context(silence_neurons(mt, layer, [n for l, n in sites if l == layer], position))
+            stack.enter_context(scale_neurons(mt, layer, [n for l, n in sites if l == layer], factor, position))
     except Exception:
         stack.close()
         raise
     return stack
+
+
+def silence_sites(mt: ModelAndTokenizer, sites, position=None) -> contextlib.ExitStack:
+    """`silence_neurons` for (layer, neuron) pairs spread over several layers, as one `with`."""
+    return scale_sites(mt, sites, 0.0, position)

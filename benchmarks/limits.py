@@ -1,0 +1,122 @@
+"""Chapter 10's four experiments at full size on TinyWorld, printed as tables.
+
+    python benchmarks/limits.py [--facts 100] [--layers 0 1 2 3 4 5 6 7] [--edits 100] [--reference]
+
+1. Localization vs editing (Hase et al. 2023): for --facts known facts, the causal trace (MLP, window 1,
+   10 samples) at the last subject token and ROME's rewrite score at every layer in --layers; the R²
+   of the score from the layer alone, from the trace alone, from both, and the per-layer means. ROME
+   runs with 2 context templates and C from 20,000 keys (the chapter's sweep settings) unless
+   --reference (the registered TinyWorld settings: 20 templates, 100,000 keys; about 7x slower).
+2. Ripples: how many checks the table supports per relation and kind, how many the model passes before
+   editing, and after one ROME edit each (--edits records with at least one known check).
+3. Honest metrics on the same edits: probability comparison vs greedy exact match, on the rewrite
+   prompt, after a distracting prefix, under negation, before and after.
+4. Knowledge neurons: silencing / boosting the 10 most attributed neurons of 50 known facts.
+One thread (--threads), CPU.
+"""
+import argparse
+import sys
+import time
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engramlib import limits, rome  # noqa: E402
+from engramlib.facts import counterfact_records, load_facts  # noqa: E402
+from engramlib.models import known_facts, load_model  # noqa: E402
+
+
+def localization(mt, args):
+    hp = rome.get_hparams(mt)
+    if not args.reference:
+        hp = replace(hp, context_lengths=((5, 2),), mom2_n_samples=20000)
+    by_key = {(r["requested_rewrite"]["subject"], r["requested_rewrite"]["relation_id"]): r
+              for r in counterfact_records()}
+    facts = [f for f in known_facts(mt, load_facts()[::3]) if (f.subject, f.relation_id) in by_key][:args.facts]
+    start = time.perf_counter()
+    effects = limits.trace_effects(mt, facts, kind="mlp", window=1)[:, args.layers]
+    scores = limits.edit_scores_by_layer(mt, [by_key[f.subject, f.relation_id]["requested_rewrite"] for f in facts],
+                                         args.layers, hp, progress=True)
+    stats = limits.localization_vs_editing(effects, scores)
+    print(f"\n1. localization vs editing: {len(facts)} facts x layers {args.layers} "
+          f"({'reference' if args.reference else 'sweep'} ROME settings), {time.perf_counter() - start:.0f} s")
+    print("   layer        " + "".join(f"{layer:>7}" for layer in args.layers))
+    print("   trace effect " + "".join(f"{v:>7.3f}" for v in effects.mean(0).tolist()))
+    print("   rewrite score" + "".join(f"{v:>7.3f}" for v in scores.mean(0).tolist()))
+    print("   " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
+
+
+def ripples_and_honest(mt, args):
+    hp = rome.get_hparams(mt)
+    supported, known_before, candidates = Counter(), Counter(), []
+    for record in counterfact_records():
+        found = limits.ripple_checks(record["requested_rewrite"])
+        if not found:
+            continue
+        ok = limits.check_answers(mt, found, after=False)
+        for c, right in zip(found, ok):
+            supported[record["requested_rewrite"]["relation_id"], c.kind] += 1
+            known_before[record["requested_rewrite"]["relation_id"], c.kind] += right
+        if any(ok):
+            candidates.append((record, [c for c, right in zip(found, ok) if right]))
+    print("\n2. ripple checks the table supports (relation, kind: checks / known before editing)")
+    for key, n in sorted(supported.items()):
+        print(f"   {key[0]:<6}{key[1]:<10}{n:>5} / {known_before[key]}")
+    implied = [rc for rc in candidates if any(c.kind == "implied" for c in rc[1])]
+    rest = [rc for rc in candidates if rc not in implied]
+    chosen = implied + rest[::max(1, len(rest) // max(1, args.edits - len(implied)))][:max(0, args.edits - len(implied))]
+    C_inv = rome.inverse_key_covariance(mt, hp.layer, hp.mom2_n_samples)
+    templates = rome.templates_for(mt, hp)
+    after_checks, before_h, after_h = Counter(), [], []
+    for record, known in chosen:
+        before_h.append(limits.honest_metrics(mt, record))
+        with rome.apply_rome_edit(mt, record["requested_rewrite"], hp, C_inv=C_inv, templates=templates,
+                                  require_improvement=False):
+            for c, right in zip(known, limits.check_answers(mt, known, after=True)):
+                after_checks[c.kind, "n"] += 1
+                after_checks[c.kind, "right"] += right
+            after_h.append(limits.honest_metrics(mt, record))
+    print(f"   after one ROME edit each ({len(chosen)} records): implied consequences updated "
+          f"{after_checks['implied', 'right']} / {after_checks['implied', 'n']}; other facts of the subject kept "
+          f"{after_checks['unchanged', 'right']} / {after_checks['unchanged', 'n']}")
+    print("\n3. honest metrics (% of edits): p(new) > p(true) | generates the new object")
+    for kind in ("plain", "context", "negated"):
+        for when, rows in (("before", before_h), ("after", after_h)):
+            rows = [r[kind] for r in rows if kind in r]
+            p = 100 * sum(r["prob"] for r in rows) / max(1, len(rows))
+            g = 100 * sum(r["gen"] for r in rows) / max(1, len(rows))
+            print(f"   {kind:<8}{when:<7}{p:>6.1f} | {g:>5.1f}   (n={len(rows)})")
+
+
+def neurons(mt, args):
+    probe = known_facts(mt, load_facts()[3::11])
+    targets, others = probe[:50], probe[-30:]
+    rows = [limits.neuron_intervention(mt, f, k=10, factor=2.0, others=others) for f in targets]
+    print(f"\n4. knowledge neurons, {len(rows)} facts: mean p(answer) | still top-1 | other facts' accuracy")
+    for cond in ("baseline", "silenced", "boosted", "random_silenced"):
+        p = sum(r[cond]["p"] for r in rows) / len(rows)
+        top1 = sum(r[cond]["top1"] for r in rows)
+        acc = 100 * sum(r[cond]["others"] for r in rows) / len(rows)
+        print(f"   {cond:<16}{p:>7.3f} | {top1:>3} / {len(rows)} | {acc:5.1f} %")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--facts", type=int, default=100)
+    parser.add_argument("--layers", type=int, nargs="+", default=list(range(8)))
+    parser.add_argument("--edits", type=int, default=100)
+    parser.add_argument("--reference", action="store_true", help="ROME's registered settings in the sweep")
+    parser.add_argument("--parts", nargs="+", default=["localization", "ripples", "neurons"])
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    mt = load_model("tinyworld", device="cpu")
+    for part in args.parts:
+        {"localization": localization, "ripples": ripples_and_honest, "neurons": neurons}[part](mt, args)
+
+
+if __name__ == "__main__":
+    main()
