@@ -19,7 +19,7 @@ PY := $(if $(VENV),$(VENV)/bin/python,$(PYTHON))
 STAMP := $(if $(VENV),$(VENV)/,)
 TORCH_FROM := $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)",)
 
-.PHONY: setup setup-test setup-lab lab test chapters clean
+.PHONY: setup setup-test setup-lab lab test test-browser chapters clean
 
 setup: setup-test setup-lab
 setup-test: $(STAMP).engram-test
@@ -45,8 +45,13 @@ lab: setup-lab
 test: setup-test
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -n auto --dist loadscope $(PYTEST_ARGS)
 
+# JupyterLab in headless Chromium (Debian: apt-get install chromium; or CHROMIUM=/path/to/chrome):
+# runs chapters 01 and 07, moves a slider, presses Edit; screenshots in browser-screenshots/
+test-browser: setup-test setup-lab $(STAMP).engram-browser
+	ENGRAM_BROWSER_TESTS=1 $(PY) -m pytest tests/browser -v $(PYTEST_ARGS)
+
 chapters: setup-test
 	$(PY) tools/build_chapters.py
 
 clean:
-	rm -rf $(VENV) .engram-torch .engram-test .engram-lab
+	rm -rf $(VENV) .engram-torch .engram-test .engram-lab .engram-browser

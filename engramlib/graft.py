@@ -180,9 +180,13 @@ def optimize_mask(mt: ModelAndTokenizer, pre: dict, ft: dict, task: dict, sparsi
     label_ids = label_token_ids(mt, task["label_words"])
     rng = random.Random(seed)
 
+    # γ_base(1 − σ) + (1 − γ_base)σ = γ_base + (1 − 2γ_base)σ, and graft = θ_pre + γ ⊙ (θ_ft − θ_pre):
+    # the same numbers with fewer full-size intermediates (memory: engramlib.budget, chapter 03)
+    flip = {n: 1 - 2 * base[n] for n in pre}
+    delta = {n: ft[n] - pre[n] for n in pre}
+
     def gamma():
-        return {n: base[n] * (1 - torch.sigmoid(S[n] - b)) + (1 - base[n]) * torch.sigmoid(S[n] - b)
-                for n in pre}
+        return {n: base[n] + flip[n] * torch.sigmoid(S[n] - b) for n in pre}
 
     def binary():
         with torch.no_grad():
@@ -193,7 +197,7 @@ def optimize_mask(mt: ModelAndTokenizer, pre: dict, ft: dict, task: dict, sparsi
     history = [(0, best_acc, mask_size(best))]
     for step in tqdm(range(1, steps + 1), desc="optimising the graft mask", disable=not progress):
         enc, labels = _batch(mt, rng.sample(task["train"], batch_size))
-        grafted = graft(pre, ft, gamma())
+        grafted = {n: pre[n] + g * delta[n] for n, g in gamma().items()}     # graft(pre, ft, γ)
         loss = torch.nn.functional.cross_entropy(
             label_logits(mt, enc, label_ids, _full_params(mt, grafted)), labels)
         grads = torch.autograd.grad(loss, list(S.values()))

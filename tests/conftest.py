@@ -55,3 +55,11 @@ def gpt2_shapes_4_layers():
 def any_model(request):
     """Runs a test once on TinyWorld and once on the GPT-2 stand-in."""
     return request.getfixturevalue(request.param)
+
+
+def pytest_ignore_collect(collection_path, config):
+    """tests/browser (JupyterLab in Chromium) runs only with `make test-browser`, which sets
+    ENGRAM_BROWSER_TESTS=1: it needs a browser and takes minutes."""
+    if collection_path.name == "browser" and collection_path.parent.name == "tests":
+        return not os.environ.get("ENGRAM_BROWSER_TESTS")
+    return None
