@@ -19,7 +19,7 @@ PY := $(if $(VENV),$(VENV)/bin/python,$(PYTHON))
 STAMP := $(if $(VENV),$(VENV)/,)
 TORCH_FROM := $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)",)
 
-.PHONY: setup setup-test setup-lab lab test test-browser chapters clean
+.PHONY: setup setup-test setup-lab lab test test-browser test-standin chapters clean
 
 setup: setup-test setup-lab
 setup-test: $(STAMP).engram-test
@@ -49,6 +49,13 @@ test: setup-test
 # runs chapters 01 and 07, moves a slider, presses Edit; screenshots in browser-screenshots/
 test-browser: setup-test setup-lab $(STAMP).engram-browser
 	ENGRAM_BROWSER_TESTS=1 $(PY) -m pytest tests/browser -v $(PYTEST_ARGS)
+
+# every solution notebook on a small random GPT-2 in a local folder (not TinyWorld), with CounterFact,
+# known_1000 and the Wikipedia paragraphs for C served from tests/fixtures/standin through the cache
+test-standin: setup-test
+	rm -rf .standin && $(PY) tools/standin.py .standin
+	ENGRAM_MODEL=$(CURDIR)/.standin/model ENGRAM_CACHE=$(CURDIR)/.standin/cache ENGRAM_FAST=1 HF_HUB_OFFLINE=1 \
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest solutions -n auto --dist loadscope $(PYTEST_ARGS)
 
 chapters: setup-test
 	$(PY) tools/build_chapters.py

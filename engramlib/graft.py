@@ -107,7 +107,7 @@ def finetune(mt: ModelAndTokenizer, task: dict, steps: int = 300, lr: float = 0.
     opt = torch.optim.SGD([params[n] for n in names], lr=lr)
     label_ids = label_token_ids(mt, task["label_words"])
     rng = random.Random(seed)
-    mt.model.train()
+    mt.model.eval()             # no dropout (GPT-2 has 0.1): every run with one seed is the same
     try:
         for _ in tqdm(range(steps), desc=f"fine-tuning on {task['name']}", disable=not progress):
             enc, labels = _batch(mt, rng.sample(task["train"], batch_size))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,10 +262,15 @@ def atomic_save(obj, path: Path) -> None:
 def generic_texts(mt: ModelAndTokenizer, n_texts: int = 2000) -> tuple:
     """(corpus name, texts) to estimate C from. TinyWorld: sentences of its own corpus
     distribution. GPT-2: the first `n_texts` Wikipedia paragraphs of over 200 characters
-    (wikitext-103 through the `datasets` package, streamed: nothing else is downloaded)."""
+    (wikitext-103 through the `datasets` package, streamed: nothing else is downloaded), kept in
+    $ENGRAM_CACHE/wikitext-103-paragraphs.json and read from there afterwards."""
     if mt.name == "tinyworld":
         from engramlib.tinyworld.corpus import generic_sentences
         return "tinyworld-sentences", generic_sentences(n_texts)
+    from engramlib.facts import _cache_dir
+    cached = _cache_dir() / "wikitext-103-paragraphs.json"      # written below; delete to stream again
+    if cached.exists():
+        return "wikitext103", json.loads(cached.read_text(encoding="utf-8"))[:n_texts]
     try:
         from datasets import load_dataset
         stream = load_dataset("wikitext", "wikitext-103-raw-v1", split="train", streaming=True)
@@ -277,6 +283,10 @@ def generic_texts(mt: ModelAndTokenizer, n_texts: int = 2000) -> tuple:
     except Exception as err:   # ImportError, or no network
         raise RuntimeError("estimating C for GPT-2 needs Wikipedia text: `pip install datasets` and "
                            f"internet access (got {type(err).__name__}: {err}); or pass texts=") from err
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_name(f".{cached.name}.{os.getpid()}.part")
+    partial.write_text(json.dumps(texts), encoding="utf-8")
+    os.replace(partial, cached)                                  # atomic, as the other caches
     return "wikitext103", texts
 
 
