@@ -81,13 +81,17 @@ def open_and_run_all(browser, lab, notebook: str, timeout_s: int = 600):
     errors = []
     page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
     page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(f"{lab}/lab/tree/{notebook}", wait_until="domcontentloaded")
+    workspace = Path(notebook).stem.replace("_", "-")      # one fresh workspace per notebook (?reset)
+    page.goto(f"{lab}/lab/workspaces/{workspace}/tree/{notebook}?reset", wait_until="domcontentloaded")
     page.wait_for_function("window.jupyterapp && window.jupyterapp.shell.currentWidget "
                            "&& window.jupyterapp.shell.currentWidget.sessionContext "
                            "&& window.jupyterapp.shell.currentWidget.sessionContext.session "
                            "&& window.jupyterapp.shell.currentWidget.sessionContext.session.kernel", timeout=120_000)
     page.wait_for_function("window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status === 'idle'",
                            timeout=120_000)
+    page.wait_for_function(f"window.jupyterapp.shell.currentWidget.context.path.endsWith('{Path(notebook).name}')",
+                           timeout=60_000)
+    page.evaluate("window.jupyterapp.shell.activateById(window.jupyterapp.shell.currentWidget.id)")
     page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
     try:         # done when every code cell has run, or when one failed (run-all stops there)
         page.wait_for_function(
@@ -131,9 +135,15 @@ def test_chapter_01_runs_and_the_capacity_slider_redraws_the_figure(browser, lab
     handle.click()
     for _ in range(40):
         page.keyboard.press("ArrowRight")
+    value = slider.locator(".widget-readout").inner_text()
+    # every redraw has run once the kernel is idle again and the title shows the new n
+    page.wait_for_timeout(1000)
+    page.wait_for_function("window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status === 'idle'",
+                           timeout=120_000)
     page.wait_for_function("(old) => { const imgs = [...document.querySelectorAll('.widget-vbox img')];"
                            " return imgs.some(i => i.src !== old); }", arg=before, timeout=60_000)
     after = figure.get_attribute("src")
+    assert value.strip() != "64", "the slider moved"
     page.screenshot(path=str(SHOTS / "01_capacity_after.png"), full_page=False)
     assert after != before, "moving the slider redraws the figure"
     assert not real_errors(errors), real_errors(errors)[:3]
