@@ -296,13 +296,16 @@ def key_covariance(mt: ModelAndTokenizer, layer: int, texts=None, corpus: str | 
                    cache: bool = True, progress: bool = True) -> torch.Tensor:
     """C = E[k kᵀ] of the inputs k of `mlp.c_proj` over the real (unpadded) tokens of generic
     text, float32 (d_mlp, d_mlp), from at most `n_samples` keys. Each forward pass stops at the
-    edited layer (nothing above it is needed). Cached on disk (see `covariance_path`)."""
+    edited layer (nothing above it is needed). Cached on disk (see `covariance_path`); TinyWorld's C
+    of layers 0-2 ships with the package (same file names, so other weights never match them)."""
     if texts is None:
         corpus, texts = generic_texts(mt)
     corpus = corpus or "custom-" + hashlib.sha1("\n".join(texts).encode()).hexdigest()[:10]
     path = covariance_path(mt, layer, corpus, n_samples)
-    if cache and path.exists():
-        return torch.load(path, map_location=mt.device)
+    shipped = Path(__file__).parent / "tinyworld" / "stats" / path.name    # TinyWorld's, for its layers 0-2
+    for found in (path, shipped):
+        if cache and found.exists():
+            return torch.load(found, map_location=mt.device)
     d_in = mt.model.config.n_inner or 4 * mt.model.config.n_embd
     total, count = torch.zeros(d_in, d_in, dtype=torch.float64, device=mt.device), 0
     for i in tqdm(range(0, len(texts), batch_size), desc=f"key covariance (layer {layer})",

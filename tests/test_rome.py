@@ -216,3 +216,14 @@ def test_ngram_entropy_prefers_varied_text():
         ngram_entropy(["the the the the the the the the the the the"])
     assert summarize([{"rewrite": 1, "paraphrase": 0.5, "neighborhood": 1, "rewrite_magnitude": 0.5,
                        "paraphrase_magnitude": 0.1, "neighborhood_magnitude": 0.2}])["S"] == pytest.approx(75.0)
+
+
+def test_tinyworld_ships_the_covariance_of_its_edited_layers(tinyworld):
+    """The packaged C files carry today's weight fingerprints, so key_covariance finds them."""
+    from pathlib import Path
+    shipped = Path(rome.__file__).parent / "tinyworld" / "stats"
+    for layer in (0, 1, 2):
+        name = rome.covariance_path(tinyworld, layer, "tinyworld-sentences", 100000).name
+        assert (shipped / name).exists(), f"layer {layer}: {name} is not shipped (retrained weights? recompute)"
+    C = torch.load(shipped / rome.covariance_path(tinyworld, 0, "tinyworld-sentences", 100000).name)
+    assert C.shape == (1024, 1024) and torch.allclose(C, C.T) and torch.linalg.eigvalsh(C.double()).min() > -1e-6
