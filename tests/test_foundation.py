@@ -47,6 +47,7 @@ def test_dependencies_are_lower_bounds_not_pins():
 def test_setup_seeds_everything_and_reads_the_environment(monkeypatch, capsys):
     monkeypatch.setenv("ENGRAM_MODEL", "gpt2-medium")
     monkeypatch.setenv("ENGRAM_FAST", "1")
+    monkeypatch.delenv("ENGRAM_SMOKE", raising=False)
     s = engramlib.setup(seed=7)
     draws = (random.random(), np.random.rand(), torch.rand(1).item())
     engramlib.setup(seed=7, verbose=False)
