@@ -24,6 +24,12 @@ Measured 2026-11-29 (2 shared CPU cores, one thread; registered TinyWorld hparam
     MEMIT, batches of 10 95 / 97 / 84.5, 2.74 at 40;   95 / 90 / 58.5, 2.83 at 100
     AlphaEdit, batches   97.5 / 99 / 88, 2.75 at 40;   98 / 90 / 68, 2.88 at 100
   No step raised the perplexity 1.5-fold (no disabling edit).
+  sequential --n 500 --every 50 (all three methods on all 500; 6,005 s for ROME, 1,173 s MEMIT,
+  866 s AlphaEdit): at 100 / 500 edits, recalled / NS / unedited / paraphrases / perplexity
+    ROME                 78.0 / 74.7 / 66 / 20.5 / 4.57;    40.6 / 57.0 /  9 / 0.0 / 11.97
+    MEMIT, batches of 10 84.0 / 85.7 / 97 / 74.0 / 3.93;    49.4 / 75.6 / 31 / 6.0 /  5.52
+    AlphaEdit, batches   89.0 / 92.3 / 97 / 70.0 / 3.96;    61.6 / 75.3 / 25 / 4.0 /  6.70
+  No disabling edit in any of the three runs.
 """
 import argparse
 import sys
