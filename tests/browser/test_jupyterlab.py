@@ -115,6 +115,14 @@ def tracebacks(page) -> list:
         .filter(o => o.output_type === 'error').map(o => o.ename + ': ' + o.evalue)""")
 
 
+def run_without_errors(browser, lab, notebook: str):
+    """open_and_run_all, then check that no cell raised. Returns (page, console errors)."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page, errors = open_and_run_all(browser, lab, notebook)
+    assert not tracebacks(page), tracebacks(page)[:1]
+    return page, errors
+
+
 def real_errors(errors: list) -> list:
     """Console errors, except the lab's own attempts to reach the internet (closed network here)."""
     benign = ("net::ERR_", "Failed to load resource", "ERR_NAME_NOT_RESOLVED", "pypi.org")
@@ -122,9 +130,7 @@ def real_errors(errors: list) -> list:
 
 
 def test_chapter_01_runs_and_the_capacity_slider_redraws_the_figure(browser, lab):
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page, errors = open_and_run_all(browser, lab, "solutions/01_hebbian_memory.ipynb")
-    assert not tracebacks(page), tracebacks(page)[:1]
+    page, errors = run_without_errors(browser, lab, "solutions/01_hebbian_memory.ipynb")
     slider = page.locator(".widget-slider", has_text="memories n").first
     slider.scroll_into_view_if_needed()
     figure = slider.locator("xpath=ancestor::div[contains(@class, 'widget-vbox')][1]").locator("img").first
@@ -151,9 +157,7 @@ def test_chapter_01_runs_and_the_capacity_slider_redraws_the_figure(browser, lab
 
 
 def test_chapter_07_edit_button_raises_p_of_the_new_object(browser, lab):
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page, errors = open_and_run_all(browser, lab, "solutions/07_rome.ipynb")
-    assert not tracebacks(page), tracebacks(page)[:1]
+    page, errors = run_without_errors(browser, lab, "solutions/07_rome.ipynb")
     button = page.locator("button.jupyter-button", has_text="Edit").last
     button.scroll_into_view_if_needed()
     output = button.locator("xpath=ancestor::div[contains(@class, 'widget-vbox')][1]").locator(".widget-output")
