@@ -280,7 +280,7 @@ def alphaedit_weight_update(K: torch.Tensor, R: torch.Tensor, P: torch.Tensor,
 # --- the edit ------------------------------------------------------------------------------------
 
 @dataclass(repr=False)
-class MassEdit:
+class MassEdit(rome.Undoable):
     """Many facts written into several MLPs at once (MEMIT or AlphaEdit); undo() restores every
     touched weight bit for bit. Per layer: the keys K (n, d_in), the residuals R (n, d_out) that
     layer was asked to add, and ΔW (d_out, d_in)."""
@@ -301,9 +301,7 @@ class MassEdit:
     def undo(self) -> None:
         """Restore the original weights of every layer this edit touched, bit for bit."""
         if self.applied:
-            with torch.no_grad():
-                for layer, weight in self.original_weights.items():
-                    self.mt.module(self.mt.spec.mlp_out, layer).weight.copy_(weight)
+            rome.restore_weights(self.mt, self.original_weights)
             self.applied = False
 
     @property
@@ -318,13 +316,6 @@ class MassEdit:
         return (f"MassEdit({self.method}, {n} request{'s' * (n != 1)}, layers {list(self.layers)}, "
                 f"mean p {mean(self.prob_before):.3f} -> {mean(self.prob_after):.3f}, "
                 f"‖ΔW‖ {{{norms}}}, {'applied' if self.applied else 'undone'})")
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.undo()
-        return False
 
 
 def _write_layers(mt, requests, hparams, method, update, zs=None, progress=False) -> MassEdit:
@@ -417,7 +408,7 @@ def apply_alphaedit(mt: ModelAndTokenizer, requests: list, hparams: MEMITHyperPa
 # --- sequential editing ----------------------------------------------------------------------------
 
 @dataclass(repr=False)
-class SequentialRun:
+class SequentialRun(rome.Undoable):
     """Batches of edits applied one after another. `edits`: one `rome.Edit` or `MassEdit` per batch;
     `original_weights`: every touched layer's weight before the first batch, so undo() restores the
     whole run bit for bit (undo the run, not one edit in its middle: each edit only remembers the
@@ -450,9 +441,7 @@ class SequentialRun:
     def undo(self) -> None:
         """Restore every weight the run changed, bit for bit."""
         if self.applied:
-            with torch.no_grad():
-                for layer, weight in self.original_weights.items():
-                    self.mt.module(self.mt.spec.mlp_out, layer).weight.copy_(weight)
+            rome.restore_weights(self.mt, self.original_weights)
             for edit in self.edits:
                 edit.applied = False
             self.applied = False
@@ -461,13 +450,6 @@ class SequentialRun:
         return (f"SequentialRun({self.method}, {self.n_edits} of {len(self.requests)} requests in "
                 f"batches of {self.batch_size}, layers {sorted(self.original_weights)}, "
                 f"{sum(self.seconds):.1f} s, {'applied' if self.applied else 'undone'})")
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.undo()
-        return False
 
 
 def _batch_editor(mt, method, hparams, progress):

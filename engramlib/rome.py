@@ -476,8 +476,26 @@ def rome_weight_update(W: torch.Tensor, k_star: torch.Tensor, k_write: torch.Ten
     return W + torch.outer(delta, u) / (u @ k_write)
 
 
+class Undoable:
+    """`with edit: ...` undoes the edit when the block ends (the class defines `undo()`)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.undo()
+        return False
+
+
+def restore_weights(mt: ModelAndTokenizer, original_weights: dict) -> None:
+    """Copy {layer: weight as stored} back into each layer's MLP output matrix, bit for bit."""
+    with torch.no_grad():
+        for layer, weight in original_weights.items():
+            mt.module(mt.spec.mlp_out, layer).weight.copy_(weight)
+
+
 @dataclass(repr=False)
-class Edit:
+class Edit(Undoable):
     """A rank-one change Ŵ = W + v uᵀ (in (d_out, d_in) layout) applied to one MLP; undoable."""
     mt: ModelAndTokenizer
     layer: int
@@ -496,8 +514,7 @@ class Edit:
     def undo(self) -> None:
         """Restore the original weights, bit for bit."""
         if self.applied:
-            with torch.no_grad():
-                self.mt.module(self.mt.spec.mlp_out, self.layer).weight.copy_(self.original_weight)
+            restore_weights(self.mt, {self.layer: self.original_weight})
             self.applied = False
 
     def __repr__(self) -> str:
@@ -505,13 +522,6 @@ class Edit:
         return (f"Edit({r['prompt'].format(r['subject'])!r} -> {r['target_new']['str']!r}, "
                 f"layer {self.layer}, p {self.prob_before:.3f} -> {self.prob_after:.3f}, "
                 f"{'applied' if self.applied else 'undone'})")
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.undo()
-        return False
 
 
 def target_prob(mt: ModelAndTokenizer, request: dict) -> float:
