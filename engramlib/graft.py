@@ -144,6 +144,14 @@ def top_movement_mask(pre: dict, ft: dict, k: int) -> dict:
     return sigmoid_topk_mask({n: (ft[n] - pre[n]).abs() for n in pre}, k)
 
 
+def magnitude_mask(ft: dict, k: int) -> dict:
+    """γ = 1 on the k entries of θ_ft with the largest |value| (large weights, whether they moved
+    or not: the pruning literature's notion of important weights)."""
+    if k < 1:
+        raise ValueError(f"a mask needs at least one parameter, got k = {k} (sparsity too small?)")
+    return sigmoid_topk_mask({n: t.abs() for n, t in ft.items()}, k)
+
+
 def random_mask(pre: dict, k: int, seed: int = 0) -> dict:
     """γ = 1 on k entries chosen uniformly at random (same size as a control)."""
     sizes = [t.numel() for t in pre.values()]
@@ -165,14 +173,18 @@ def _full_params(mt, state):
 
 def optimize_mask(mt: ModelAndTokenizer, pre: dict, ft: dict, task: dict, sparsity: float,
                   steps: int = 100, lr: float = 1e7, b: float = 10.0, batch_size: int = 32,
-                  seed: int = 0, progress: bool = True) -> dict:
+                  seed: int = 0, every: int = 10, track_test: bool = False,
+                  progress: bool = True) -> dict:
     """The official mask optimisation (Panigrahi et al., Skill-Localization-by-grafting).
 
     Base patch γ_base = top `sparsity` fraction of |θ_ft − θ_pre|. Trainable S ~ U[0, 1); the
     continuous mask γ = γ_base(1 − σ(S − b)) + (1 − γ_base)σ(S − b) starts at γ_base (b = 10); plain
     gradient steps on S (lr 1e7 in the paper; small models need more) lower the grafted model's
-    task loss; the binary mask round(γ) with the best train accuracy is kept.
-    Returns {"mask", "history": [(step, train accuracy, ‖γ‖₀)]}."""
+    task loss; every `every` steps the binary mask round(γ) is read off, and the one with the best
+    train accuracy is kept. round(γ) grows during the optimisation, often far beyond the base size
+    (the paper reports the final size): started from a tiny base, one run passes through masks of
+    many sizes. Returns {"mask", "history": [(step, train accuracy, ‖γ‖₀)]}; with track_test=True
+    each history row also has the test accuracy of that binary mask (a sparsity curve in one run)."""
     k = int(round(sparsity * n_params(pre)))
     base = top_movement_mask(pre, ft, k)
     gen = torch.Generator().manual_seed(seed)
@@ -192,9 +204,16 @@ def optimize_mask(mt: ModelAndTokenizer, pre: dict, ft: dict, task: dict, sparsi
         with torch.no_grad():
             return {n: (g > 0.5).float() for n, g in gamma().items()}
 
+    def check(step, m):
+        params = _full_params(mt, graft(pre, ft, m))
+        acc = task_accuracy(mt, task, "train", params)
+        row = (step, acc, mask_size(m))
+        history.append(row + (task_accuracy(mt, task, "test", params),) if track_test else row)
+        return acc
+
+    history = []
     best = binary()
-    best_acc = task_accuracy(mt, task, "train", _full_params(mt, graft(pre, ft, best)))
-    history = [(0, best_acc, mask_size(best))]
+    best_acc = check(0, best)
     for step in tqdm(range(1, steps + 1), desc="optimising the graft mask", disable=not progress):
         enc, labels = _batch(mt, rng.sample(task["train"], batch_size))
         grafted = {n: pre[n] + g * delta[n] for n, g in gamma().items()}     # graft(pre, ft, γ)
@@ -204,13 +223,40 @@ def optimize_mask(mt: ModelAndTokenizer, pre: dict, ft: dict, task: dict, sparsi
         with torch.no_grad():
             for s, g in zip(S.values(), grads):
                 s -= lr * g
-        if step % 10 == 0 or step == steps:
+        if step % every == 0 or step == steps:
             m = binary()
-            acc = task_accuracy(mt, task, "train", _full_params(mt, graft(pre, ft, m)))
-            history.append((step, acc, mask_size(m)))
+            acc = check(step, m)
             if acc > best_acc:
                 best, best_acc = m, acc
     return {"mask": best, "history": history}
+
+
+def sparsity_sweep(mt: ModelAndTokenizer, pre: dict, ft: dict, task: dict, fractions,
+                   mask_steps: int = 15, mask_lr: float = 1e8, batch_size: int = 32,
+                   start: float = 5e-6, every: int = 1, seed: int = 0) -> dict:
+    """Graft accuracy against region size for four kinds of region (chapter 03's sweep).
+
+    The controls are evaluated at `fractions` of the graftable weights: top-movement (largest
+    |θ_ft − θ_pre|), magnitude (largest |θ_ft|) and random. The optimised mask is one run of
+    `optimize_mask` from a base of `start` (0.0005 %), read off every `every` steps: its binary mask
+    grows as it learns, so the run passes through many sizes. Returns {"sizes": [k per fraction],
+    "top-movement" / "magnitude" / "random": [test accuracy per size], "optimised": [(k, test
+    accuracy, test accuracy of the top-movement mask of size k) per read-off], "mask": the optimised
+    mask with the best train accuracy}."""
+    total = n_params(pre)
+    sizes = [max(1, int(round(f * total))) for f in fractions]
+
+    def acc(mask):
+        return task_accuracy(mt, task, params=_full_params(mt, graft(pre, ft, mask)))
+    out = {"sizes": sizes,
+           "top-movement": [acc(top_movement_mask(pre, ft, k)) for k in sizes],
+           "magnitude": [acc(magnitude_mask(ft, k)) for k in sizes],
+           "random": [acc(random_mask(pre, k, seed=seed)) for k in sizes]}
+    run = optimize_mask(mt, pre, ft, task, start, steps=mask_steps, lr=mask_lr, batch_size=batch_size,
+                        seed=seed, every=every, track_test=True, progress=False)
+    out["optimised"] = [(k, test, acc(top_movement_mask(pre, ft, k))) for _, _, k, test in run["history"]]
+    out["mask"] = run["mask"]
+    return out
 
 
 def sigmoid_topk_mask(scores: dict, k: int) -> dict:
@@ -242,6 +288,70 @@ def lesion(state: dict, mask: dict, to: str = "pre", pre: dict | None = None) ->
     return {n: mask[n] * other[n] + (1 - mask[n]) * state[n] for n in state}
 
 
+def block_region(mt: ModelAndTokenizer, state: dict, layers, part: str = "block") -> dict:
+    """A *contiguous* region: γ = 1 on every tensor of `part` ("mlp", "attn" or the whole "block",
+    layer norms included) of the given layers, 0 elsewhere. layers: an int or a list of ints."""
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    templates = {"mlp": mt.spec.mlp, "attn": mt.spec.attn, "block": mt.spec.layer}
+    if part not in templates:
+        raise ValueError(f"part must be 'mlp', 'attn' or 'block', got {part!r}")
+    bad = [layer for layer in layers if not 0 <= layer < mt.n_layers]
+    if bad or not layers:
+        raise ValueError(f"layers {bad or layers} out of range: the model has blocks 0-{mt.n_layers - 1}")
+    prefixes = tuple(templates[part].format(layer) + "." for layer in layers)
+    return {n: torch.full_like(t, float(n.startswith(prefixes))) for n, t in state.items()}
+
+
+def contiguous_regions(mt: ModelAndTokenizer) -> dict:
+    """Chapter 03's location experiment, as {name: (layers, part)} for `block_region`:
+    "MLP 0" ... "MLP L−1", "attention 0" ..., "early half" (blocks 0 .. L/2 − 1), "late half"."""
+    half = mt.n_layers // 2
+    regions = {f"MLP {i}": ([i], "mlp") for i in range(mt.n_layers)}
+    regions.update({f"attention {i}": ([i], "attn") for i in range(mt.n_layers)})
+    regions["early half"] = (list(range(half)), "block")
+    regions["late half"] = (list(range(half, mt.n_layers)), "block")
+    return regions
+
+
+def region_by_module(mt: ModelAndTokenizer, mask: dict) -> dict:
+    """Where a region lies: {"MLP 0": number of its entries in block 0's MLP, "attention 0": ...,
+    "layer norms": ...}."""
+    counts = {f"{kind} {i}": 0 for kind in ("MLP", "attention") for i in range(mt.n_layers)}
+    counts["layer norms"] = 0
+    for n, m in mask.items():
+        k = int((m > 0.5).sum())
+        for i in range(mt.n_layers):
+            if n.startswith(mt.spec.mlp.format(i) + "."):
+                counts[f"MLP {i}"] += k
+                break
+            if n.startswith(mt.spec.attn.format(i) + "."):
+                counts[f"attention {i}"] += k
+                break
+        else:
+            counts["layer norms"] += k
+    return counts
+
+
+def location_vs_amount(mt: ModelAndTokenizer, state: dict, regions: dict, score, to: str = "zero",
+                       pre: dict | None = None, seed: int = 0) -> dict:
+    """Lesion each contiguous region of `state` ({name: (layers, part)}, see `contiguous_regions`),
+    and a scattered random region of the same number of weights, and score both:
+    {name: {"size", "contiguous", "scattered"}}. score(state) -> float (fact recall, task
+    accuracy, ...). Regions of equal size share one scattered control; masks are built one at a
+    time (each is a full-size copy of the block weights)."""
+    scattered = {}
+    out = {}
+    for name, (layers, part) in regions.items():
+        mask = block_region(mt, state, layers, part)
+        k = mask_size(mask)
+        contiguous = score(lesion(state, mask, to=to, pre=pre))
+        del mask
+        if k not in scattered:
+            scattered[k] = score(lesion(state, random_mask(state, k, seed=seed), to=to, pre=pre))
+        out[name] = {"size": k, "contiguous": contiguous, "scattered": scattered[k]}
+    return out
+
+
 def lottery_ticket(ft: dict, mask: dict) -> dict:
     """θ_ft on the mask, zero elsewhere (the lottery-ticket control)."""
     return {n: mask[n] * ft[n] for n in ft}
@@ -257,9 +367,9 @@ def region_overlap(mask_a: dict, mask_b: dict) -> float:
 
 
 def continual_learning(mt: ModelAndTokenizer, task_a: dict, task_b: dict, sparsity: float = 0.01,
-                       sparsity_b: float = 0.001, ft_steps: int = 300, mask_steps: int = 100,
-                       mask_lr: float = 1e8, lr: float = 0.05, lr_b: float | None = None,
-                       progress: bool = True) -> dict:
+                       sparsity_b: float = 0.001, ft_steps: int = 300, ft_steps_b: int | None = None,
+                       mask_steps: int = 100, mask_lr: float = 1e8, lr: float = 0.05,
+                       lr_b: float | None = None, batch_size: int = 32, progress: bool = True) -> dict:
     """Learn task A, then task B, two ways, and measure both tasks after each:
 
     - sequential: fine-tune on A, then fine-tune everything on B;
@@ -268,34 +378,36 @@ def continual_learning(mt: ModelAndTokenizer, task_a: dict, task_b: dict, sparsi
       frozen; find B's graft region in that run (`sparsity_b`, outside A's region by construction)
       and keep only it. Each skill then lives in its own sparse region and the rest of the model
       stays pretrained. The smaller B's region, the less it disturbs the weights A relies on.
-    lr is the SGD learning rate for A, lr_b for B (default: lr). The model is restored to its
+    lr is the SGD learning rate for A, lr_b for B (default: lr); ft_steps the SGD steps for A,
+    ft_steps_b for B (default: ft_steps; a bigger task B trains longer). The model is restored to its
     pretrained state at the end. Returns {"after_A", "sequential", "grafted_A", "B_outside_A",
     "forget_free": {"A": accuracy, "B": accuracy}, "ft_A" (A's fine-tuned state), "mask_A",
     "mask_B", their sizes, "region_A_untouched" (B's fine-tuning left A's region exactly as A's
     fine-tuning set it), ...}."""
     lr_b = lr if lr_b is None else lr_b
+    ft_steps_b = ft_steps if ft_steps_b is None else ft_steps_b
+    train = dict(batch_size=batch_size, progress=progress)
+    masking = dict(steps=mask_steps, lr=mask_lr, batch_size=batch_size, progress=progress)
     pre = get_state(mt)
 
     def both():
         return {"A": task_accuracy(mt, task_a), "B": task_accuracy(mt, task_b)}
     try:
-        ft_a = finetune(mt, task_a, steps=ft_steps, lr=lr, progress=progress)
+        ft_a = finetune(mt, task_a, steps=ft_steps, lr=lr, **train)
         after_a = both()
-        mask_a = optimize_mask(mt, pre, ft_a, task_a, sparsity, steps=mask_steps, lr=mask_lr,
-                               progress=progress)["mask"]
+        mask_a = optimize_mask(mt, pre, ft_a, task_a, sparsity, **masking)["mask"]
         # sequential fine-tuning from the fine-tuned A model
-        finetune(mt, task_b, steps=ft_steps, lr=lr_b, progress=progress)
+        finetune(mt, task_b, steps=ft_steps_b, lr=lr_b, **train)
         sequential = both()
         # forget-free: A's region grafted, B learned outside it, then only B's own region kept
         with_a = graft(pre, ft_a, mask_a)
         load_state(mt, with_a)
         grafted_a = both()
         frozen = {n: m.bool() for n, m in mask_a.items()}
-        ft_b = finetune(mt, task_b, steps=ft_steps, lr=lr_b, progress=progress, frozen=frozen)
+        ft_b = finetune(mt, task_b, steps=ft_steps_b, lr=lr_b, frozen=frozen, **train)
         untouched = all(torch.equal(ft_b[n][frozen[n]], ft_a[n][frozen[n]]) for n in pre)
         outside_b = both()
-        mask_b = optimize_mask(mt, with_a, ft_b, task_b, sparsity_b, steps=mask_steps,
-                               lr=mask_lr, progress=progress)["mask"]
+        mask_b = optimize_mask(mt, with_a, ft_b, task_b, sparsity_b, **masking)["mask"]
         # inside A's region ft_b equals with_a (frozen), so grafting there would change nothing:
         # leave those entries out of B's region
         mask_b = {n: m * (1 - mask_a[n]) for n, m in mask_b.items()}

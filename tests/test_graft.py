@@ -138,7 +138,7 @@ def test_continual_learning_keeps_the_regions_apart_and_restores_the_model(tinyw
     b = make_task("topic", n_train=64, n_test=32)
     before = G.get_state(tinyworld)
     out = G.continual_learning(tinyworld, a, b, sparsity=0.01, sparsity_b=0.001, ft_steps=3,
-                               mask_steps=1, lr_b=0.1, progress=False)
+                               ft_steps_b=2, batch_size=16, mask_steps=1, lr_b=0.1, progress=False)
     assert out["region_A_untouched"]                 # B's fine-tuning did not move A's region
     assert out["mask_A_size"] >= round(0.01 * out["n_params"]) and out["mask_B_size"] > 0
     moved = {n: out["ft_A"][n] != before[n] for n in before}
@@ -151,3 +151,70 @@ def test_continual_learning_keeps_the_regions_apart_and_restores_the_model(tinyw
     grafted_a = G.graft(before, out["ft_A"], out["mask_A"])
     assert out["after_A"] == {"A": accuracy(a, out["ft_A"]), "B": accuracy(b, out["ft_A"])}
     assert out["grafted_A"] == {"A": accuracy(a, grafted_a), "B": accuracy(b, grafted_a)}
+
+
+def test_magnitude_mask_picks_the_largest_fine_tuned_weights():
+    ft = {"a": torch.tensor([[0.1, -3.0], [0.2, 0.0]]), "b": torch.tensor([2.0, -0.5])}
+    m = G.magnitude_mask(ft, 2)
+    assert m["a"].tolist() == [[0.0, 1.0], [0.0, 0.0]] and m["b"].tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="at least one"):
+        G.magnitude_mask(ft, 0)
+
+
+def test_contiguous_regions_cover_exactly_their_modules(tinyworld):
+    pre = G.get_state(tinyworld)
+    d, L = tinyworld.model.config.n_embd, tinyworld.n_layers
+    regions = G.contiguous_regions(tinyworld)
+    assert list(regions)[:2] == ["MLP 0", "MLP 1"] and len(regions) == 2 * L + 2
+    mlp1 = G.block_region(tinyworld, pre, *regions["MLP 1"])
+    assert G.mask_size(mlp1) == 8 * d * d + 5 * d                  # c_fc (d × 4d + 4d), c_proj (4d × d + d)
+    assert all((m.sum() > 0) == n.startswith("transformer.h.1.mlp.") for n, m in mlp1.items())
+    assert G.mask_size(G.block_region(tinyworld, pre, *regions["attention 3"])) == 4 * d * d + 4 * d
+    early = G.block_region(tinyworld, pre, *regions["early half"])
+    late = G.block_region(tinyworld, pre, *regions["late half"])
+    assert G.mask_size(early) + G.mask_size(late) == G.n_params(pre)
+    where = G.region_by_module(tinyworld, mlp1)
+    assert where["MLP 1"] == G.mask_size(mlp1) and sum(where.values()) == G.mask_size(mlp1)
+    where = G.region_by_module(tinyworld, early)
+    assert where["layer norms"] == 4 * d * (L // 2) and where["MLP 4"] == 0 and where["attention 0"] > 0
+    with pytest.raises(ValueError, match="out of range"):
+        G.block_region(tinyworld, pre, L)
+    with pytest.raises(ValueError, match="part must be"):
+        G.block_region(tinyworld, pre, 0, "ffn")
+
+
+def test_location_vs_amount_lesions_each_region_and_a_scattered_one_of_the_same_size(tinyworld):
+    pre = G.get_state(tinyworld)
+    name = "transformer.h.1.mlp.c_fc.weight"
+    calls = []
+
+    def intact(state):                       # share of one matrix of block 1's MLP left non-zero
+        calls.append(1)
+        return float((state[name] != 0).float().mean())
+    regions = {n: G.contiguous_regions(tinyworld)[n] for n in ("MLP 1", "attention 2", "MLP 3")}
+    out = G.location_vs_amount(tinyworld, pre, regions, intact, to="zero")
+    assert out["MLP 1"]["contiguous"] == 0.0 and out["MLP 3"]["contiguous"] == 1.0
+    assert out["attention 2"]["contiguous"] == 1.0
+    assert 0.85 < out["MLP 1"]["scattered"] < 0.97                 # about 8 % of the weights zeroed, everywhere
+    assert out["MLP 1"]["scattered"] == out["MLP 3"]["scattered"]    # one control per size
+    assert len(calls) == 3 + 2                                       # 3 regions, 2 distinct sizes
+    reset = G.location_vs_amount(tinyworld, {n: t + 1 for n, t in pre.items()}, {"MLP 1": regions["MLP 1"]},
+                                 lambda s: float(torch.equal(s[name], pre[name])), to="pre", pre=pre)
+    assert reset["MLP 1"]["contiguous"] == 1.0 and reset["MLP 1"]["scattered"] == 0.0
+
+
+def test_sparsity_sweep_compares_regions_of_equal_size(tinyworld, finetuned):
+    pre, ft, task = finetuned["pre"], finetuned["ft"], finetuned["task"]
+    total = G.n_params(pre)
+    sw = G.sparsity_sweep(tinyworld, pre, ft, task, [1e-4, 1e-2], mask_steps=2, batch_size=16)
+    assert sw["sizes"] == [round(1e-4 * total), round(1e-2 * total)]
+    assert len(sw["optimised"]) == 3 and sw["optimised"][0][0] == round(5e-6 * total)   # start + 2 steps
+
+    def grafted(mask):
+        return _grafted_accuracy(tinyworld, finetuned, mask)
+    assert sw["top-movement"][1] == grafted(G.top_movement_mask(pre, ft, sw["sizes"][1]))
+    assert sw["magnitude"][0] == grafted(G.magnitude_mask(ft, sw["sizes"][0]))
+    k, optimised, top = sw["optimised"][-1]
+    assert top == grafted(G.top_movement_mask(pre, ft, k))
+    assert G.mask_size(sw["mask"]) in {size for size, _, _ in sw["optimised"]}
+    assert sw["top-movement"][1] > sw["random"][1] + 0.2            # 1 % that moved most carries the skill
