@@ -204,14 +204,15 @@ def test_location_vs_amount_lesions_each_region_and_a_scattered_one_of_the_same_
 
 
 def test_sparsity_sweep_compares_regions_of_equal_size(tinyworld, finetuned):
-    pre, ft, task = finetuned["pre"], finetuned["ft"], finetuned["task"]
+    pre, ft = finetuned["pre"], finetuned["ft"]
+    task = {**finetuned["task"], "train": finetuned["task"]["train"][:32], "test": finetuned["task"]["test"][:48]}
     total = G.n_params(pre)
     sw = G.sparsity_sweep(tinyworld, pre, ft, task, [1e-4, 1e-2], mask_steps=2, batch_size=16)
     assert sw["sizes"] == [round(1e-4 * total), round(1e-2 * total)]
     assert len(sw["optimised"]) == 3 and sw["optimised"][0][0] == round(5e-6 * total)   # start + 2 steps
 
     def grafted(mask):
-        return _grafted_accuracy(tinyworld, finetuned, mask)
+        return _grafted_accuracy(tinyworld, {**finetuned, "task": task}, mask)
     assert sw["top-movement"][1] == grafted(G.top_movement_mask(pre, ft, sw["sizes"][1]))
     assert sw["magnitude"][0] == grafted(G.magnitude_mask(ft, sw["sizes"][0]))
     k, optimised, top = sw["optimised"][-1]
