@@ -30,32 +30,31 @@ from engramlib.facts import load_facts  # noqa: E402
 from engramlib.models import accuracy, load_model  # noqa: E402
 from engramlib.tinyworld.tasks import make_task  # noqa: E402
 
-FRACTIONS = (5e-6, 2e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
-
-
 def sizes_for(fast):
-    """The chapters' settings: full or the fast test run's."""
+    """The chapters' settings (chapter 03, then chapter 04's cl_*): full or the fast test run's."""
     if fast:
-        return dict(n=128, steps=40, lr=0.1, batch=16, mask_steps=14, facts_every=16,
-                    steps_a=20, cl_mask_steps=10)
-    return dict(n=512, steps=300, lr=0.05, batch=32, mask_steps=20, facts_every=4,
-                steps_a=40, cl_mask_steps=30)
+        return dict(n=64, steps=40, lr=0.1, batch=16, fractions=(5e-6, 1e-4, 1e-3, 3e-3, 1e-2),
+                    mask_steps=12, every=2, facts_every=24,
+                    cl_n_train=128, cl_n_test=64, steps_a=20, cl_mask_steps=10)
+    return dict(n=512, steps=300, lr=0.05, batch=32, fractions=(5e-6, 2e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
+                mask_steps=20, every=1, facts_every=4,
+                cl_n_train=512, cl_n_test=512, steps_a=40, cl_mask_steps=30)
 
 
 def sweep_table(mt, pre, tasks, fine_tuned, s):
     total = G.n_params(pre)
     sweeps = {}
     for name, task in tasks.items():
-        sw = G.sparsity_sweep(mt, pre, fine_tuned[name]["state"], task, FRACTIONS,
-                              mask_steps=s["mask_steps"], batch_size=s["batch"])
+        sw = G.sparsity_sweep(mt, pre, fine_tuned[name]["state"], task, s["fractions"],
+                              mask_steps=s["mask_steps"], every=s["every"], batch_size=s["batch"])
         sweeps[name] = sw
         acc_pre, acc_ft = fine_tuned[name]["pre"], fine_tuned[name]["ft"]
         print(f"\n## sweep: {name} (pretrained {acc_pre:.1%}, fine-tuned {acc_ft:.1%})")
-        print("| % of weights | " + " | ".join(f"{100 * f:.4f}" for f in FRACTIONS) + " |")
-        print("|---" * (len(FRACTIONS) + 1) + "|")
+        print("| % of weights | " + " | ".join(f"{100 * f:.4f}" for f in s["fractions"]) + " |")
+        print("|---" * (len(s["fractions"]) + 1) + "|")
         for kind in ("top-movement", "magnitude", "random"):
             print(f"| {kind} | " + " | ".join(f"{a:.1%}" for a in sw[kind]) + " |")
-        print("optimised, after each step (size % → accuracy; top-movement of that size):")
+        print(f"optimised, read off every {s['every']} step(s) (size % → accuracy; top-movement of that size):")
         print("  " + ", ".join(f"{100 * k / total:.4f} → {a:.1%} ({top:.1%})" for k, a, top in sw["optimised"]))
         lead, k = max((a - top, k) for k, a, top in sw["optimised"])
         reach = [k for k, a, _ in sw["optimised"] if a >= acc_ft - 0.05]
@@ -73,7 +72,7 @@ def lesion_table(mt, pre, task, ft, acc_pre, acc_ft, small):
     total = G.n_params(pre)
 
     def acc(state):
-        return G.task_accuracy(mt, task, params=G._full_params(mt, state))
+        return G.task_accuracy(mt, task, params=state)
     print(f"\n## lesions of the fine-tuned tone model ({acc_ft:.1%}; pretrained {acc_pre:.1%})")
     print("| removed (reset to pretrained) | weights | accuracy | same number at random |")
     print("|---|---|---|---|")
@@ -95,7 +94,7 @@ def location_table(mt, pre, task, ft, s):
             G.load_state(mt, pre)
 
     def skill(state):
-        return G.task_accuracy(mt, task, params=G._full_params(mt, state))
+        return G.task_accuracy(mt, task, params=state)
     regions = G.contiguous_regions(mt)
     facts = G.location_vs_amount(mt, pre, regions, recall, to="zero")
     tone = G.location_vs_amount(mt, ft, regions, skill, to="pre", pre=pre)
@@ -110,7 +109,8 @@ def location_table(mt, pre, task, ft, s):
 
 
 def continual_table(mt, s, settings):
-    a, b = make_task("polarity", n_train=s["n"], n_test=s["n"]), make_task("topic", n_train=s["n"], n_test=s["n"])
+    a = make_task("polarity", n_train=s["cl_n_train"], n_test=s["cl_n_test"])
+    b = make_task("topic", n_train=s["cl_n_train"], n_test=s["cl_n_test"])
     print(f"\n## continual learning: tone (A, {s['steps_a']} steps) then topic (B), both at lr 0.1, "
           f"batches of {s['batch']}; A's region 1 %")
     print("| B steps | B region base | after A | sequential | A's region only | + B outside A's region "

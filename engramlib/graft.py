@@ -45,7 +45,8 @@ def _batch(mt, examples):
 
 def label_logits(mt, enc, label_ids, params=None) -> torch.Tensor:
     """Logits of the label words at each prompt's last token: [batch, n_labels]. With `params`
-    (name -> tensor), the model runs with those parameters instead of its own."""
+    (name -> tensor, e.g. a state of the block weights), the model runs with those tensors in place
+    of its own, and its own parameters everywhere else."""
     inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     out = functional_call(mt.model, params, args=(), kwargs=inputs) if params else mt.model(**inputs)
     last = enc["attention_mask"].sum(1) - 1
@@ -139,16 +140,12 @@ def mask_size(mask: dict) -> int:
 
 def top_movement_mask(pre: dict, ft: dict, k: int) -> dict:
     """γ = 1 on the k entries that moved most, |θ_ft − θ_pre|, ranked over all tensors together."""
-    if k < 1:
-        raise ValueError(f"a mask needs at least one parameter, got k = {k} (sparsity too small?)")
     return sigmoid_topk_mask({n: (ft[n] - pre[n]).abs() for n in pre}, k)
 
 
 def magnitude_mask(ft: dict, k: int) -> dict:
     """γ = 1 on the k entries of θ_ft with the largest |value| (large weights, whether they moved
     or not: the pruning literature's notion of important weights)."""
-    if k < 1:
-        raise ValueError(f"a mask needs at least one parameter, got k = {k} (sparsity too small?)")
     return sigmoid_topk_mask({n: t.abs() for n, t in ft.items()}, k)
 
 
@@ -164,11 +161,6 @@ def random_mask(pre: dict, k: int, seed: int = 0) -> dict:
         out[n] = flat[i:i + size].view_as(t).to(t.device)
         i += size
     return out
-
-
-def _full_params(mt, state):
-    """Model parameters with `state` substituted (for functional_call)."""
-    return {**{n: p for n, p in mt.model.named_parameters()}, **state}
 
 
 def optimize_mask(mt: ModelAndTokenizer, pre: dict, ft: dict, task: dict, sparsity: float,
@@ -205,7 +197,7 @@ def optimize_mask(mt: ModelAndTokenizer, pre: dict, ft: dict, task: dict, sparsi
             return {n: (g > 0.5).float() for n, g in gamma().items()}
 
     def check(step, m):
-        params = _full_params(mt, graft(pre, ft, m))
+        params = graft(pre, ft, m)
         acc = task_accuracy(mt, task, "train", params)
         row = (step, acc, mask_size(m))
         history.append(row + (task_accuracy(mt, task, "test", params),) if track_test else row)
@@ -218,7 +210,7 @@ def optimize_mask(mt: ModelAndTokenizer, pre: dict, ft: dict, task: dict, sparsi
         enc, labels = _batch(mt, rng.sample(task["train"], batch_size))
         grafted = {n: pre[n] + g * delta[n] for n, g in gamma().items()}     # graft(pre, ft, γ)
         loss = torch.nn.functional.cross_entropy(
-            label_logits(mt, enc, label_ids, _full_params(mt, grafted)), labels)
+            label_logits(mt, enc, label_ids, grafted), labels)
         grads = torch.autograd.grad(loss, list(S.values()))
         with torch.no_grad():
             for s, g in zip(S.values(), grads):
@@ -247,14 +239,20 @@ def sparsity_sweep(mt: ModelAndTokenizer, pre: dict, ft: dict, task: dict, fract
     sizes = [max(1, int(round(f * total))) for f in fractions]
 
     def acc(mask):
-        return task_accuracy(mt, task, params=_full_params(mt, graft(pre, ft, mask)))
+        return task_accuracy(mt, task, params=graft(pre, ft, mask))
+    top = {}                                 # size -> accuracy: the grid and the run share sizes
+
+    def top_acc(k):
+        if k not in top:
+            top[k] = acc(top_movement_mask(pre, ft, k))
+        return top[k]
     out = {"sizes": sizes,
-           "top-movement": [acc(top_movement_mask(pre, ft, k)) for k in sizes],
+           "top-movement": [top_acc(k) for k in sizes],
            "magnitude": [acc(magnitude_mask(ft, k)) for k in sizes],
            "random": [acc(random_mask(pre, k, seed=seed)) for k in sizes]}
     run = optimize_mask(mt, pre, ft, task, start, steps=mask_steps, lr=mask_lr, batch_size=batch_size,
                         seed=seed, every=every, track_test=True, progress=False)
-    out["optimised"] = [(k, test, acc(top_movement_mask(pre, ft, k))) for _, _, k, test in run["history"]]
+    out["optimised"] = [(k, test, top_acc(k)) for _, _, k, test in run["history"]]
     out["mask"] = run["mask"]
     return out
 
@@ -264,6 +262,8 @@ def sigmoid_topk_mask(scores: dict, k: int) -> dict:
     over all tensors together (e.g. the S of γ = σ(S) after training with an ℓ1 term;
     straight-through: use σ(S) forward, top-k to read off). ‖γ‖₀ = k even when many scores tie
     with the k-th (e.g. zeros): `torch.topk` picks among the tied ones."""
+    if k < 1:
+        raise ValueError(f"a mask needs at least one parameter, got k = {k} (sparsity too small?)")
     flat = torch.cat([s.detach().flatten() for s in scores.values()])
     chosen = torch.zeros(flat.shape, device=flat.device)
     chosen[flat.topk(k).indices] = 1.0
