@@ -41,9 +41,12 @@ lab: setup-lab
 	$(PY) -m jupyterlab chapters/ $(if $(filter 0,$(shell id -u)),--allow-root,) $(LAB_ARGS)
 
 # one worker per core (pytest-xdist), one thread each; --dist loadscope keeps every notebook's
-# cells on one worker and in order (nbval's advice for parallel runs)
+# cells on one worker and in order (nbval's advice for parallel runs). The test sets what it needs
+# itself: the FAST sizes, and ENGRAM_MODEL unset, so every notebook takes the default path a user
+# takes (TinyWorld on a machine without a large GPU), whatever the calling shell exports.
 test: setup-test
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -n auto --dist loadscope $(PYTEST_ARGS)
+	env -u ENGRAM_MODEL -u ENGRAM_SMOKE ENGRAM_FAST=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} \
+	$(PY) -m pytest -n auto --dist loadscope $(PYTEST_ARGS)
 
 # JupyterLab in headless Chromium (Debian: apt-get install chromium; or CHROMIUM=/path/to/chrome):
 # runs chapters 01 and 07, moves a slider, presses Edit; screenshots in browser-screenshots/

@@ -52,6 +52,9 @@ STEPS = {
     # MEMIT / AlphaEdit over 5 layers: C and P per layer, plus the preserved keys' Σkkᵀ per layer
     "09": Step("MEMIT and AlphaEdit over the critical layers", square=15, allowance=2 * GiB),
     "10": Step("ROME at every layer (one C⁻¹ at a time)", square=2, allowance=2 * GiB),
+    # unlearning by gradient steps on every block weight with Adam: the gradients, Adam's two
+    # moments and the undo copy of the trained weights (4); the forget and retain batches' activations
+    "11": Step("unlearning: gradient steps with Adam on the blocks", blocks=4, allowance=2 * GiB),
 }
 
 
@@ -65,6 +68,9 @@ def gpt2_param_counts(n_layer: int, n_embd: int, vocab: int = 50257, n_positions
 
 def shape_of(name: str) -> tuple:
     """(n_layer, n_embd, vocab, n_positions) of a model name, without downloading it."""
+    if not name:
+        raise ValueError("no model name: pass one of " + ", ".join(FALLBACK_ORDER) + " or a local folder "
+                         "(model_for_chapter(chapter, None) picks the default model first)")
     if name in GPT2_SHAPES:
         return (*GPT2_SHAPES[name], 50257, 1024)
     from transformers import AutoConfig
@@ -86,17 +92,13 @@ def peak_bytes(chapter: str, n_layer: int, n_embd: int, vocab: int = 50257, n_po
 
 def device_bytes(device: str | None = None) -> int:
     """Memory of the device the course computes on: the CUDA GPU's total memory, else the
-    machine's RAM (MemTotal of /proc/meminfo; 8 GiB where it cannot be read)."""
+    machine's RAM (psutil, on Linux, macOS and Windows alike; Apple's GPUs share the RAM)."""
+    import psutil
     from engramlib.settings import pick_device
     device = device or pick_device()
     if str(device).startswith("cuda"):
         return torch.cuda.get_device_properties(0).total_memory
-    try:
-        with open("/proc/meminfo") as f:
-            kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal"))
-        return kib * 1024
-    except (OSError, StopIteration, ValueError):
-        return 8 * GiB
+    return psutil.virtual_memory().total
 
 
 def fits(chapter: str, name: str, memory: int) -> bool:
@@ -106,9 +108,13 @@ def fits(chapter: str, name: str, memory: int) -> bool:
     return peak_bytes(chapter, *shape_of(name)) <= memory
 
 
-def model_for_chapter(chapter: str, preferred: str, memory: int | None = None) -> str:
+def model_for_chapter(chapter: str, preferred: str | None = None, memory: int | None = None) -> str:
     """`preferred` if the chapter's plan fits the device, else the largest smaller GPT-2 that
-    does (printing why). memory: bytes available (default `device_bytes()`)."""
+    does (printing why). preferred: a model name, or None (an unset ENGRAM_MODEL) for the model
+    `load_model()` would choose (`models.default_model_name()`: TinyWorld without a large GPU).
+    memory: bytes available (default `device_bytes()`)."""
+    from engramlib.models import default_model_name
+    preferred = preferred or default_model_name()
     memory = memory or device_bytes()
     if fits(chapter, preferred, memory):
         return preferred

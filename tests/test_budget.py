@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from types import SimpleNamespace
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from engramlib import budget
@@ -39,7 +41,32 @@ def test_grafting_on_gpt2_xl_would_not_fit_a_t4():
 
 def test_unknown_chapter_is_an_error():
     with pytest.raises(ValueError, match="unknown chapter"):
-        budget.peak_bytes("11", 12, 768)
+        budget.peak_bytes("99", 12, 768)
+
+
+def test_unset_model_takes_the_default_model(monkeypatch):
+    """ENGRAM_MODEL unset (settings.model_name is None), as in the README and on Colab: the chapter
+    gets what load_model() would choose, shrunk to what fits."""
+    monkeypatch.delenv("ENGRAM_MODEL", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for chapter in budget.STEPS:
+        assert budget.model_for_chapter(chapter, None) == "tinyworld"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)          # a Colab T4
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=T4))
+    assert budget.model_for_chapter("03", None, memory=T4) == "gpt2"
+    assert budget.model_for_chapter("07", None, memory=T4) == "gpt2-xl"
+    monkeypatch.setenv("ENGRAM_MODEL", "gpt2-medium")
+    assert budget.model_for_chapter("07", None, memory=T4) == "gpt2-medium"
+
+
+def test_no_model_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="no model name"):
+        budget.shape_of(None)
+
+
+def test_device_memory_is_read_not_guessed():
+    import psutil
+    assert budget.device_bytes("cpu") == psutil.virtual_memory().total
 
 
 MEASURE = r"""

@@ -37,13 +37,14 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     """A JupyterLab server (no token) on a copy of solutions/ (the lab saves what it runs: the
-    repository's notebooks stay without outputs), kernels on TinyWorld in FAST mode."""
+    repository's notebooks stay without outputs), kernels in FAST mode with the model unset, as a
+    user's (TinyWorld on a machine without a large GPU)."""
     root = tmp_path_factory.mktemp("lab")
     shutil.copytree(ROOT / "solutions", root / "solutions")
     port = free_port()
-    env = dict(os.environ, ENGRAM_MODEL="tinyworld", ENGRAM_FAST="1", HF_HUB_OFFLINE="1",
-               JUPYTER_RUNTIME_DIR=str(tmp_path_factory.mktemp("runtime")))
-    env.pop("MPLBACKEND", None)                       # the notebook's inline backend draws the figures
+    env = dict(os.environ, ENGRAM_FAST="1", JUPYTER_RUNTIME_DIR=str(tmp_path_factory.mktemp("runtime")))
+    for name in ("ENGRAM_MODEL", "MPLBACKEND"):       # the default model; the inline backend draws the figures
+        env.pop(name, None)
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", "--ServerApp.ip=127.0.0.1",
            "--IdentityProvider.token=", "--ServerApp.password=", f"--ServerApp.root_dir={root}",
            "--LabApp.expose_app_in_browser=True", "--ServerApp.disable_check_xsrf=True"]
