@@ -518,17 +518,27 @@ def edit_sequentially(mt: ModelAndTokenizer, requests: list, method: str = "memi
 # --- the collapse dashboard ------------------------------------------------------------------------
 
 @torch.no_grad()
-def perplexity(mt: ModelAndTokenizer, texts: list, batch_size: int = 64) -> float:
-    """exp(mean next-token NLL) over all real tokens of `texts` (right-padded batches)."""
+@torch.no_grad()
+def perplexity(mt: ModelAndTokenizer, texts: list, batch_size: int = 8, max_len: int | None = None,
+               chunk_tokens: int = 1024) -> float:
+    """exp(mean next-token NLL) over all real tokens of `texts` (right-padded batches of `batch_size`
+    texts, each cut at `max_len` tokens; default the model's n_positions).
+
+    The full logits of a batch would be batch × tokens × vocab floats (64 GPT-2 texts of 600 tokens:
+    7.7 GB), so the unembedding runs on `chunk_tokens` real positions at a time: at most
+    chunk_tokens × vocab floats exist at once (1,024 × 50,257: 206 MB)."""
     total, count = 0.0, 0
+    max_len = max_len or mt.model.config.n_positions
     for i in range(0, len(texts), batch_size):
         enc = mt.tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True,
-                           truncation=True, max_length=mt.model.config.n_positions).to(mt.device)
-        logits = mt.model(**enc).logits[:, :-1].float()
-        labels, mask = enc["input_ids"][:, 1:], enc["attention_mask"][:, 1:].bool()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
-        total += nll[mask].sum().item()
-        count += mask.sum().item()
+                           truncation=True, max_length=max_len).to(mt.device)
+        hidden = mt.model.transformer(**enc).last_hidden_state          # [B, T, d] after ln_f
+        mask = enc["attention_mask"][:, 1:].bool()
+        h, labels = hidden[:, :-1][mask], enc["input_ids"][:, 1:][mask]   # [N, d], [N]: real positions
+        for j in range(0, len(labels), chunk_tokens):
+            logits = mt.model.lm_head(h[j:j + chunk_tokens]).float()      # [≤ chunk_tokens, vocab]
+            total += torch.nn.functional.cross_entropy(logits, labels[j:j + chunk_tokens], reduction="sum").item()
+        count += len(labels)
     return math.exp(total / max(1, count))
 
 
@@ -596,12 +606,14 @@ def collapse_dashboard(mt: ModelAndTokenizer, records: list, method: str = "memi
                        batch_size: int = 1, every: int | None = None, hparams=None,
                        n_facts: int = 100, n_texts: int = 300, jump: float = 1.5, seed: int = 0,
                        facts: list | None = None, texts: list | None = None,
-                       keep_edits: bool = False, progress: bool = True) -> dict:
+                       keep_edits: bool = False, flag_texts: int = 8, flag_len: int = 128,
+                       progress: bool = True) -> dict:
     """Edit the records' `requested_rewrite`s in sequence (`edit_sequentially`) and measure after
     every `every` edits (default: every batch) what the model still knows (`collapse_metrics`) and
     ‖W − W₀‖ per layer. The unedited facts are `facts` (default `probe_facts`, n_facts of them);
     the perplexity is on `texts` (default `heldout_texts`, n_texts; either way without the edited
-    subjects). Pass the same facts and texts to compare runs. The perplexity is also measured after
+    subjects). Pass the same facts and texts to compare runs. A small fixed perplexity (the first
+    `flag_texts` texts cut at `flag_len` tokens: cheap enough for every step) is also measured after
     *every* batch: a batch (with ROME, one edit) after which it is more than `jump` times what it
     was before is flagged as a disabling edit (Gupta et al. 2024). The edits are undone at the end
     unless keep_edits.
@@ -609,7 +621,7 @@ def collapse_dashboard(mt: ModelAndTokenizer, records: list, method: str = "memi
     Returns plain data: {"method", "batch_size", "n_edits": [0, k, 2k, ...], one list per measure
     ("edits_recalled", "neighborhood_score", "unedited_accuracy", "paraphrase_accuracy",
     "perplexity", "seconds": editing time so far), "delta_norm": {layer: [...]},
-    "steps": {"n_edits": [0, b, 2b, ...], "perplexity": [...]} (after every batch),
+    "steps": {"n_edits": [0, b, 2b, ...], "perplexity": [...]} (the small one, after every batch),
     "disabling": [{"n_edits", "perplexity_before", "perplexity_after", "subjects"}]}; with keep_edits,
     also "run": the `SequentialRun`, still applied (evaluate it, then `run.undo()`)."""
     every = every or batch_size
@@ -639,9 +651,7 @@ def collapse_dashboard(mt: ModelAndTokenizer, records: list, method: str = "memi
             norms = {} if run is None else run.delta_norms()
             for layer, norm in norms.items():
                 board["delta_norm"].setdefault(layer, [0.0]).append(norm)
-            ppl = row["perplexity"]
-        else:
-            ppl = perplexity(mt, texts)
+        ppl = perplexity(mt, texts[:flag_texts], max_len=flag_len)
         if steps["perplexity"] and ppl > jump * steps["perplexity"][-1]:
             board["disabling"].append({"n_edits": n, "perplexity_before": steps["perplexity"][-1],
                                        "perplexity_after": ppl,

@@ -1,5 +1,6 @@
 """MEMIT and sequential editing: the updates solve their equations, a batch edits TinyWorld and
 spares the neighbours, AlphaEdit spares the preserved keys, and every undo is bit for bit."""
+import math
 from dataclasses import replace
 
 import pytest
@@ -276,3 +277,21 @@ def test_bad_input_raises_clear_errors(tinyworld, gpt2_standin, tw_hp):
     assert memit.get_hparams(mt).layers == memit.HPARAMS["tinyworld"].layers
     assert memit.get_hparams(gpt2_standin).layers == (0, 1, 2, 3, 4)    # five ending at ROME's 4
     assert "memit" in memit.HPARAMS["gpt2-xl"].source and memit.HPARAMS["gpt2-xl"].layers == (13, 14, 15, 16, 17)
+
+
+def test_chunked_perplexity_equals_the_full_logits_one(any_model):
+    """perplexity() never builds a batch's full logits; it must give what they give."""
+    mt = any_model
+    texts = ["The Space Needle is located in the city of Seattle.", "Paris is the capital of France, a country.",
+             "A short one.", "Rome is a city in Italy and the home of the Colosseum and of many old churches."]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for text in texts:                               # one text at a time, full logits, no padding
+            ids = mt.tokenizer(text, return_tensors="pt")["input_ids"]
+            logits = mt.model(input_ids=ids).logits[0, :-1].float()
+            total += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+            count += ids.shape[1] - 1
+        reference = math.exp(total / count)
+        for batch_size, chunk in ((1, 1024), (4, 5), (3, 1)):
+            assert memit.perplexity(mt, texts, batch_size=batch_size, chunk_tokens=chunk) == \
+                pytest.approx(reference, rel=1e-4)
