@@ -337,7 +337,7 @@ def _write_layers(mt, requests, hparams, method, update, zs=None, progress=False
         for i, layer in enumerate(layers):
             module = mt.module(mt.spec.mlp_out, layer)
             original = module.weight.detach().clone()
-            edit.original_weights[layer] = original
+            edit.original_weights[layer] = original.to("cpu", copy=True)     # the backup waits on the CPU
             K = compute_keys(mt, requests, layer, templates, hparams.bare_prompt_weight)
             R = (zs - block_outputs(mt, requests, layers[-1])) / (len(layers) - i)
             delta = update(i, layer, K, R)
@@ -435,7 +435,7 @@ class SequentialRun(rome.Undoable):
 
     def delta_norms(self) -> dict:
         """{layer: ‖W_now − W_before the run‖ (Frobenius)} for every layer the run touched."""
-        return {layer: (self.mt.module(self.mt.spec.mlp_out, layer).weight.float() - w.float()).norm().item()
+        return {layer: (self.mt.module(self.mt.spec.mlp_out, layer).weight.float().cpu() - w.float()).norm().item()
                 for layer, w in sorted(self.original_weights.items())}
 
     def undo(self) -> None:
@@ -500,7 +500,7 @@ def edit_sequentially(mt: ModelAndTokenizer, requests: list, method: str = "memi
     check_layers(mt, (hparams.layer,) if method == "rome" else hparams.layers)
     layers, edit_batch = _batch_editor(mt, method, hparams, progress)
     run = SequentialRun(mt=mt, method=method, batch_size=batch_size, requests=requests, hparams=hparams,
-                        original_weights={layer: mt.module(mt.spec.mlp_out, layer).weight.detach().clone()
+                        original_weights={layer: mt.module(mt.spec.mlp_out, layer).weight.detach().to("cpu", copy=True)
                                           for layer in layers})
     for batch in tqdm(batches, desc=f"{method}, batches of {batch_size}", disable=not progress):
         start = time.perf_counter()

@@ -488,7 +488,8 @@ class Undoable:
 
 
 def restore_weights(mt: ModelAndTokenizer, original_weights: dict) -> None:
-    """Copy {layer: weight as stored} back into each layer's MLP output matrix, bit for bit."""
+    """Copy {layer: weight as stored} back into each layer's MLP output matrix, bit for bit (the
+    backups may live on the CPU: copying between devices keeps every bit)."""
     with torch.no_grad():
         for layer, weight in original_weights.items():
             mt.module(mt.spec.mlp_out, layer).weight.copy_(weight)
@@ -504,7 +505,8 @@ class Edit(Undoable):
     request: dict
     prob_before: float          # p(first token of target_new) on the rewrite prompt
     prob_after: float
-    original_weight: torch.Tensor   # the module's weight before the edit, as stored (Conv1D: (d_in, d_out))
+    original_weight: torch.Tensor   # the module's weight before the edit, as stored (Conv1D: (d_in, d_out)),
+                                    # kept on the CPU: a GPU holds the model, not one backup per edit
     k_star: torch.Tensor = None     # (d_in,) the averaged key
     k_write: torch.Tensor = None    # (d_in,) the key that now maps to v_star
     v_star: torch.Tensor = None     # (d_out,) W k_write + δ
@@ -564,7 +566,7 @@ def apply_rome_edit(mt: ModelAndTokenizer, request: dict, hparams: ROMEHyperPara
         module.weight.copy_(_out_in(module, W_new).to(original.dtype))
     u = C_inv @ k_star
     edit = Edit(mt=mt, layer=layer, u=u / (u @ k_write), v=opt["delta"], request=request,
-                prob_before=before, prob_after=target_prob(mt, request), original_weight=original,
+                prob_before=before, prob_after=target_prob(mt, request), original_weight=original.to("cpu", copy=True),
                 k_star=k_star, k_write=k_write, v_star=W @ k_write + opt["delta"], losses=opt["losses"])
     if require_improvement and edit.prob_after <= edit.prob_before:
         edit.undo()
@@ -612,4 +614,4 @@ def apply_ft_edit(mt: ModelAndTokenizer, request: dict, layer: int | None = None
     change = _out_in(module, (module.weight.detach() - original).float())     # (d_out, d_in)
     U, S, Vh = torch.linalg.svd(change, full_matrices=False)
     return Edit(mt=mt, layer=layer, u=Vh[0] * S[0], v=U[:, 0], request=request, prob_before=before,
-                prob_after=target_prob(mt, request), original_weight=original, losses=losses)
+                prob_after=target_prob(mt, request), original_weight=original.to("cpu", copy=True), losses=losses)
