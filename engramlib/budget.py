@@ -101,28 +101,33 @@ def device_bytes(device: str | None = None) -> int:
 @dataclass(frozen=True)
 class Device:
     """What a plan needs to know of a device. flops / flops64: peak float32 / float64 operations per
-    second; efficiency: the fraction of that peak a GPT-2 pass sustains; block_latency: seconds a
-    pass spends per transformer block however small its batch (kernel launches); memory: bytes of
-    the compute device (0: it computes in host memory); host: bytes of host memory."""
+    second; efficiency: the fraction of that peak a GPT-2 pass sustains; pass_latency and
+    block_latency: seconds a pass spends, and spends per transformer block, however small its
+    batch (kernel launches); memory: bytes of the compute device (0: it computes in host memory);
+    host: bytes of host memory."""
     name: str
     flops: float
     flops64: float
     efficiency: float
+    pass_latency: float
     block_latency: float
     memory: int
     host: int
     source: str
 
 
-# GPT-2 passes sustain about this fraction of a device's peak matmul throughput; calibrated by
-# benchmarks/plan_vs_measured.py (the model's measured FLOP/s over the same device's matmul FLOP/s)
-EFFICIENCY = 0.5
-T4 = Device("t4", flops=8.1e12, flops64=0.25e12, efficiency=EFFICIENCY, block_latency=3e-4,
+# Calibration (benchmarks/plan_vs_measured.py, random GPT-2 XL and GPT-2 shapes, 2026-12-04): on an
+# H200 the course's steps ran at 0.65-1.08 of a 1,024² float32 matmul's speed measured in the same
+# run (0.8 typical), a pass cost 6 ms plus 0.42 ms per block however small its batch (eager
+# PyTorch launching kernels from the host); on this project's CPUs at about the matmul's speed.
+GPU_EFFICIENCY, CPU_EFFICIENCY = 0.8, 1.0
+T4 = Device("t4", flops=8.1e12, flops64=0.25e12, efficiency=0.5, pass_latency=9e-3, block_latency=6e-4,
             memory=int(14.7 * GiB), host=int(12.7e9),
-            source="NVIDIA T4 datasheet: 8.1 TFLOPS float32 peak (65 float16); float64 at 1/32 of float32 "
-                   "(Turing); 16 GB of which PyTorch sees 14.7 GiB; Colab's free host: 12.7 GB of RAM; "
-                   f"efficiency {EFFICIENCY} and 0.3 ms per block and pass (kernel launches from Colab's "
-                   "two slow vCPUs) from the calibration in benchmarks/plan_vs_measured.py")
+            source="NVIDIA T4 datasheet: 8.1 TFLOPS float32 peak (65 float16), float64 at 1/32 of it "
+                   "(Turing); 16 GB, of which PyTorch sees 14.7 GiB; Colab's free host: 12.7 GB of RAM. "
+                   "Sustained: 0.5 of peak (its 70 W cap holds the clock near 1.2 of its 1.59 GHz, and "
+                   "GPT-2's steps reach 0.8 of a matmul's speed on the H200 here); latency 9 ms per pass "
+                   "+ 0.6 ms per block (1.5 × the H200 machine's, for Colab's two slower vCPUs)")
 
 
 def matmul_flops(device: str = "cpu", dtype=torch.float32, n: int = 1024, seconds: float = 0.2) -> float:
@@ -147,7 +152,8 @@ def measured_device(device: str | None = None) -> Device:
     device = device or pick_device()
     gpu = str(device).startswith("cuda")
     return Device(f"{device} (measured)", matmul_flops(device), matmul_flops(device, torch.float64, 512),
-                  EFFICIENCY, 1e-4 if gpu else 2e-5, device_bytes(device) if gpu else 0,
+                  GPU_EFFICIENCY if gpu else CPU_EFFICIENCY, 6e-3 if gpu else 5e-4, 4.2e-4 if gpu else 2e-5,
+                  device_bytes(device) if gpu else 0,
                   psutil.virtual_memory().total, "measured: a matrix multiply timed just now")
 
 
@@ -186,7 +192,13 @@ class Plan:
                 f"compute, {where}" + (f"; sizes: {sizes}" if sizes else "") + ("" if self.fits else "; DOES NOT FIT"))
 
 
-UNLIMITED_GPU = Device("any GPU", 1e12, 1e11, 1.0, 0.0, 2 ** 62, 2 ** 62, "memory counts only")
+UNLIMITED_GPU = Device("any GPU", 1e12, 1e11, 1.0, 0.0, 0.0, 2 ** 62, 2 ** 62, "memory counts only")
+
+
+def seconds_of(work: costs.Work, dev: Device) -> float:
+    """How long `work` takes on `dev`: its FLOPs at the sustained speed, plus launch latency."""
+    return (work.flops / (dev.flops * dev.efficiency) + work.flops64 / (dev.flops64 * dev.efficiency)
+            + work.passes * dev.pass_latency + work.blocks * dev.block_latency)
 HOST_BASE = 2 * GiB       # Python, torch, transformers and (on a GPU) the CUDA libraries
 CUDA_CONTEXT = GiB // 2   # the CUDA context and the allocator's slack
 
@@ -198,8 +210,7 @@ def _shape(name: str) -> costs.Shape:
 def _evaluate(chapter: str, name: str | None, dev: Device, sizes: dict, s: costs.Shape | None = None) -> Plan:
     s = s or _shape(name)
     works = costs.chapter_work(chapter, name, s, sizes)
-    seconds = [w.flops / (dev.flops * dev.efficiency) + w.flops64 / (dev.flops64 * dev.efficiency)
-               + w.blocks * dev.block_latency for w in works]
+    seconds = [seconds_of(w, dev) for w in works]
     held, peak = 0, 0
     for w in works:
         peak = max(peak, held + w.device)

@@ -1,12 +1,12 @@
 """What a chapter costs: the work it does, counted, so that it can be sized to fit a device.
 
 `budget.plan(chapter, model_name, device)` adds up the chapter's heavy steps (`chapter_work`), each a
-`Work`: floating-point operations in float32 and float64, how many transformer blocks its passes
-run through one after another (launch overhead: a batch of one prompt costs time even with few
-FLOPs), the bytes it holds on the compute device while it runs, and the bytes it leaves behind
-(on the device or on the host) for the rest of the chapter. Time = FLOPs / the device's sustained
-throughput + blocks × a per-block latency; memory = the model + what earlier steps left + the
-largest step's own. `budget.py` turns this into plans, the choice of model and the table.
+`Work`: floating-point operations in float32 and float64, how many passes it makes and through how
+many transformer blocks (launch overhead: a batch of one prompt costs time even with few FLOPs),
+the bytes it holds on the compute device while it runs, and the bytes it leaves behind (on the
+device or on the host) for the rest of the chapter. Time = FLOPs / the device's sustained
+throughput + passes × a per-pass latency + blocks × a per-block latency; memory = the model + what
+earlier steps left + the largest step's own. `budget.py` turns this into plans, the choice of model and the table.
 
 Counting rules (forward of `rows` sequences of T tokens through k blocks, d = width):
   k × (2 · rows · T · 12 d²  +  4 · rows · T² · d)  +  2 · d · vocab per unembedded position,
@@ -69,10 +69,12 @@ class Shape:
         return blocks * per_block + 2 * self.d * self.vocab * unembed
 
     def activations(self, rows: float, T: float, blocks: float) -> int:
-        """Bytes autograd keeps for a backward pass through `blocks` blocks: about 34 d floats per
-        token and block (inputs of the norms, q, k, v, attention output, the MLP's 4d hidden twice)
-        plus the attention probabilities (heads ≈ d / 64)."""
-        per_token = 34 * self.d + 2 * (self.d // 64) * T
+        """Bytes autograd keeps for a backward pass through `blocks` blocks: 22 d floats per token
+        and block (the two norms' inputs and outputs 4d, q, k, v 3d, the attention's output and
+        its projection's input 2d, the MLP's 4d hidden about 3 times: HF's GELU saves its
+        intermediate steps) plus the attention probabilities before and after the softmax
+        (heads = d / 64). Checked on a GPU: benchmarks/plan_vs_measured.py."""
+        per_token = 22 * self.d + 2 * (self.d // 64) * T
         return int(4 * rows * T * blocks * per_token)
 
 
@@ -82,20 +84,21 @@ class Work:
     what: str
     flops: float = 0.0          # float32 operations
     flops64: float = 0.0        # float64 operations (C's accumulation, inverses, MEMIT's solves)
-    blocks: float = 0.0         # transformer blocks run one after another over all passes (latency)
+    passes: float = 0.0         # forward and backward passes, one after another (latency)
+    blocks: float = 0.0         # transformer blocks those passes run through (latency)
     device: int = 0             # bytes the step holds on the compute device while it runs
     keep_device: int = 0        # bytes it leaves on the device for the rest of the chapter
     keep_host: int = 0          # bytes it leaves in host memory (undo copies, cached matrices)
 
     def __add__(self, other: "Work") -> "Work":
         """Two steps one after the other, as one: costs add, memory is the larger step's."""
-        return Work(self.what, self.flops + other.flops, self.flops64 + other.flops64,
+        return Work(self.what, self.flops + other.flops, self.flops64 + other.flops64, self.passes + other.passes,
                     self.blocks + other.blocks, max(self.device, other.device),
                     self.keep_device + other.keep_device, self.keep_host + other.keep_host)
 
     def times(self, n: float, what: str | None = None) -> "Work":
         """The step repeated n times (what it leaves behind is left once per repetition)."""
-        return Work(what or self.what, n * self.flops, n * self.flops64, n * self.blocks, self.device,
+        return Work(what or self.what, n * self.flops, n * self.flops64, n * self.passes, n * self.blocks, self.device,
                     int(n * self.keep_device), int(n * self.keep_host))
 
 
@@ -109,7 +112,7 @@ def forward_work(s: Shape, what: str, passes: float, rows: float, T: float, bloc
     unembed = rows * T if full_logits else unembed_per_pass
     logits = 2 * 4 * rows * T * s.vocab if full_logits else 4 * unembed * s.vocab
     hidden = 4 * rows * T * 6 * s.d                         # a block's transient activations
-    return Work(what, passes * s.forward(rows, T, blocks, unembed), 0, passes * blocks,
+    return Work(what, passes * s.forward(rows, T, blocks, unembed), 0, passes, passes * blocks,
                 device=logits + hidden)
 
 
@@ -117,7 +120,8 @@ def generate_work(s: Shape, what: str, prompts: float, new_tokens: float, T0: fl
     """Greedy or sampled generation with the key-value cache: one 1-row pass per new token."""
     flops = prompts * (s.forward(1, T0, unembed=1) + new_tokens * s.forward(1, 1, unembed=1)
                        + new_tokens * 4 * (T0 + new_tokens) * s.d * s.n_layer)
-    return Work(what, flops, 0, prompts * (1 + new_tokens) * s.n_layer, device=4 * s.vocab * 4)
+    passes = prompts * (1 + new_tokens)
+    return Work(what, flops, 0, passes, passes * s.n_layer, device=4 * s.vocab * 4)
 
 
 def rome_edit_work(s: Shape, layer: int, templates: int = 21, T: float = 24, steps: int = 20,
@@ -135,7 +139,7 @@ def rome_edit_work(s: Shape, layer: int, templates: int = 21, T: float = 24, ste
              + 2 * s.forward(1, 8, unembed=1))
     blocks = layer + 1 + s.n_layer + (2 * steps - 1) * above + 2 * s.n_layer
     device = s.activations(rows, T, above) + 3 * s.c_proj_bytes         # + the weight clone, W, ΔW
-    return Work("ROME edit", flops, 0, blocks, device, 0, s.c_proj_bytes if keep else 0)
+    return Work("ROME edit", flops, 0, 2 * steps + 3, blocks, device, 0, s.c_proj_bytes if keep else 0)
 
 
 def covariance_work(s: Shape, layer: int, n_texts: int, tokens: float = 128, published: bool = False,
@@ -147,8 +151,9 @@ def covariance_work(s: Shape, layer: int, n_texts: int, tokens: float = 128, pub
     flops = 0 if published else s.forward(n_texts, tokens, layer + 1)
     flops64 = (0 if published else 2 * keys * s.d_mlp ** 2) + 2 * s.d_mlp ** 3
     blocks = 0 if published else (n_texts / 32) * (layer + 1)
-    device = 2 * s.square_bytes + 3 * 2 * s.square_bytes                    # C fp32 + C, C⁻¹, work fp64
-    return Work(f"C and C⁻¹, layer {layer}", flops, flops64, blocks, device, 0,
+    batch = 0 if published else 32 * tokens * s.d_mlp * (8 + 4 + 4)       # a batch's keys: fp64, fp32, input
+    device = 2 * s.square_bytes + 3 * 2 * s.square_bytes + batch            # C fp32 + C, C⁻¹, work fp64
+    return Work(f"C and C⁻¹, layer {layer}", flops, flops64, 0 if published else n_texts / 32, blocks, device, 0,
                 s.square_bytes if keep_host else 0)
 
 
@@ -163,14 +168,14 @@ def trace_work(s: Shape, samples: int, T: float, n: float, kinds: int = 3, windo
                                                  + s.forward(samples + 1, T))
     cache = 6 * s.n_layer * (samples + 1) * T * s.d * 4
     batch = s.n_layer * samples * (T * 12 * s.d * 4 + s.vocab * 4)
-    return Work("causal trace", flops, 0, kinds * (n + 1) * s.n_layer, cache + batch)
+    return Work("causal trace", flops, 0, kinds * (n + 2), kinds * (n + 1) * s.n_layer, cache + batch)
 
 
 def perplexity_work(s: Shape, n_texts: int, tokens: float, batch: int = 8) -> Work:
     """memit.perplexity: batches of `batch` texts, the unembedding in chunks of 1,024 positions."""
     flops = s.forward(n_texts, tokens, unembed=n_texts * tokens)
-    device = 4 * batch * tokens * 6 * s.d + 2 * 4 * 1024 * s.vocab
-    return Work("perplexity", flops, 0, (n_texts / batch) * s.n_layer, device)
+    device = 4 * batch * tokens * 6 * s.d + 3 * 4 * 1024 * s.vocab         # logits, log-softmax, loss
+    return Work("perplexity", flops, 0, n_texts / batch, (n_texts / batch) * s.n_layer, device)
 
 
 def knowledge_neurons_work(s: Shape, facts: float, T: float = 10) -> Work:
@@ -179,7 +184,8 @@ def knowledge_neurons_work(s: Shape, facts: float, T: float = 10) -> Work:
     per_fact = sum(s.forward(1, T, l + 1) + s.forward(1, T, unembed=1) + s.forward(1, T, s.n_layer - l)
                    for l in range(s.n_layer))
     blocks = sum((l + 1) + s.n_layer + (s.n_layer - l) for l in range(s.n_layer))
-    return Work("knowledge neurons", facts * per_fact, 0, facts * blocks, s.activations(1, T, s.n_layer))
+    return Work("knowledge neurons", facts * per_fact, 0, facts * 3 * s.n_layer, facts * blocks,
+                s.activations(1, T, s.n_layer))
 
 
 def finetune_work(s: Shape, what: str, steps: float, rows: float, T: float, blocks: float | None = None,
@@ -189,7 +195,7 @@ def finetune_work(s: Shape, what: str, steps: float, rows: float, T: float, bloc
     blocks = s.n_layer if blocks is None else blocks
     flops = steps * (s.forward(rows, T, unembed=rows * T) + 2 * s.forward(rows, T, blocks))
     device = s.activations(rows, T, blocks) + 2 * 4 * rows * T * s.vocab + 3 * 4 * int(trained_params)
-    return Work(what, flops, 0, steps * (s.n_layer + blocks), device)
+    return Work(what, flops, 0, 2 * steps, steps * (s.n_layer + blocks), device)
 
 
 # --- the chapters -------------------------------------------------------------------------------
@@ -289,7 +295,7 @@ def chapter_work(chapter: str, name: str, s: Shape, z: dict) -> list:
     if chapter == "08":
         generations = generate_work(s, "generations", 2, 30)
         ft = finetune_work(s, "fine-tuning edit", 25, 6, 12, L - layer, trained_params=s.d * s.d_mlp)
-        per_record = {"ROME": rome_edit_work(s, layer, keep=True), "naive": Work("naive edit", blocks=2 * L),
+        per_record = {"ROME": rome_edit_work(s, layer, keep=True), "naive": Work("naive edit", passes=2, blocks=2 * L),
                       "FT": ft}
         steps = [generate_work(s, "context templates", 20, 7.5, T0=1), _c(s, name, layer, z["c_texts"]),
                  Work("identity matrix", keep_device=s.square_bytes),

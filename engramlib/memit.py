@@ -532,7 +532,7 @@ def perplexity(mt: ModelAndTokenizer, texts: list, batch_size: int = 8, max_len:
     for i in range(0, len(texts), batch_size):
         enc = mt.tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True,
                            truncation=True, max_length=max_len).to(mt.device)
-        hidden = mt.model.transformer(**enc).last_hidden_state          # [B, T, d] after ln_f
+        hidden = mt.model.transformer(**enc, use_cache=False).last_hidden_state   # [B, T, d] after ln_f
         mask = enc["attention_mask"][:, 1:].bool()
         h, labels = hidden[:, :-1][mask], enc["input_ids"][:, 1:][mask]   # [N, d], [N]: real positions
         for j in range(0, len(labels), chunk_tokens):

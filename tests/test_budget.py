@@ -50,7 +50,7 @@ def test_every_chapter_from_05_runs_a_gpt2_on_a_t4_within_15_gib_and_15_minutes(
 
 
 def test_tinyworld_on_a_cpu_runs_the_full_sizes():
-    slow_cpu = budget.Device("slow cpu", 1e9, 1e8, 0.5, 1e-5, 0, 64 * 2 ** 30, "test")
+    slow_cpu = budget.Device("slow cpu", 1e9, 1e8, 0.5, 1e-4, 1e-5, 0, 64 * 2 ** 30, "test")
     for chapter in costs.FULL_SIZES:
         p = budget.plan(chapter, "tinyworld", slow_cpu)
         assert p.sizes == costs.FULL_SIZES[chapter] and p.gpu_gib == 0 and p.host_gib > 0
