@@ -88,7 +88,7 @@ def download(sources, target, *, check=None, timeout: float | None = None,
     what = what or target.name
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
-    errors, missing = [], 0
+    errors, missing = {}, 0                              # url -> its last error
     try:
         for url in sources:
             for attempt in range(retries):
@@ -101,17 +101,17 @@ def download(sources, target, *, check=None, timeout: float | None = None,
                     os.replace(tmp, target)
                     return target
                 except urllib.error.HTTPError as err:
-                    errors.append(f"{url}: HTTP {err.code}")
+                    errors[url] = f"HTTP {err.code}"
                     if err.code == 404:
                         missing += 1
                         break                               # not there: retrying will not help
                 except (OSError, http.client.HTTPException, socket.timeout, ValueError) as err:
-                    errors.append(f"{url}: {type(err).__name__}: {err}")
+                    errors[url] = f"{type(err).__name__}: {err}"
                 finally:
                     tmp.unlink(missing_ok=True)
     finally:
         tmp.unlink(missing_ok=True)
     cls = NotPublished if missing == len(sources) else DownloadError
-    raise cls(f"could not download {what} (tried {len(sources)} source(s), {retries} time(s) each; "
-              f"last: {errors[-1] if errors else 'nothing tried'}). Offline? "
-              f"{offline_hint or f'copy the file to {target} by hand.'}")
+    tried = "; ".join(f"{url}: {error}" for url, error in errors.items()) or "no source"
+    raise cls(f"could not download {what} (tried {len(sources)} source(s), {retries} time(s) each: "
+              f"{tried}). Offline? {offline_hint or f'copy the file to {target} by hand.'}")
