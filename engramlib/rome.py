@@ -9,7 +9,8 @@ that the later layers turn into the object. To make the model say o* instead:
 2. δ = `compute_v_star`: the change of the MLP output at the last subject token that makes o*
    likely, found by gradient descent (loss = NLL of o* + KL on "{subject} is a" + weight decay).
 3. C = `key_covariance`: E[k kᵀ] over generic text; C⁻¹ (`inverse_key_covariance`) protects the
-   keys of other facts.
+   keys of other facts. Where the reference publishes its C (GPT-2 medium/large/XL at its hparams'
+   layers) it is downloaded and used; elsewhere it is computed with the reference's counting.
 4. Ŵ = W + δ uᵀ / (uᵀ k_w) with u = C⁻¹k*: `rome_weight_update`. Ŵ maps the key k_w to W k_w + δ
    and changes W only along C⁻¹k*. GPT-2's `Conv1D` stores W transposed (d_in, d_out);
    `apply_rome_edit` handles that and returns an `Edit` that can `undo()` bit for bit.
@@ -426,15 +427,13 @@ def generic_texts(mt: ModelAndTokenizer, n_texts: int = 2000, progress: bool = T
     distribution. GPT-2: the first `n_texts` Wikipedia paragraphs of over 200 characters
     (wikitext-103 through the `datasets` package, streamed, with retries: nothing else is
     downloaded), kept in $ENGRAM_CACHE/wikitext-103-paragraphs.json and read from there afterwards
-    (streamed again only when more are asked than it holds)."""
+    (delete it to stream again, e.g. for more texts)."""
     if mt.name == "tinyworld":
         from engramlib.tinyworld.corpus import generic_sentences
         return "tinyworld-sentences", generic_sentences(n_texts)
     cached = cache_dir() / WIKITEXT_CACHE                  # written below; delete to stream again
     if cached.exists():
-        texts = json.loads(cached.read_text(encoding="utf-8"))
-        if len(texts) >= n_texts:
-            return "wikitext103", texts[:n_texts]
+        return "wikitext103", json.loads(cached.read_text(encoding="utf-8"))[:n_texts]
     errors = []
     for attempt in range(download_module.RETRIES):
         if attempt:
@@ -536,7 +535,7 @@ def key_covariance(mt: ModelAndTokenizer, layer: int, texts=None, corpus: str | 
             return torch.load(found, map_location=mt.device)
     out = second_moment(mt, layer, texts, n_samples, count, max_len, batch_size, dtype, progress)
     if progress:
-        asked = f" (asked for {n_samples:,}: the corpus has no more)" \
+        asked = f" (of the {n_samples:,} asked: pass more texts for more)" \
             if count == "texts" and out["n_texts"] < n_samples else ""
         print(f"C of {mt.name} layer {layer}: {out['n_keys']:,} keys from {out['n_texts']:,} texts "
               f"of {corpus}{asked}")
