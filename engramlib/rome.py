@@ -482,7 +482,8 @@ def second_moment(mt: ModelAndTokenizer, layer: int, texts: list, n_samples: int
     "keys": texts in order until n_samples keys. Each forward pass stops at `layer`.
     Returns {"C": (d_mlp, d_mlp) float32 = Σ k kᵀ / n_keys, "n_texts", "n_keys"}."""
     max_len = max_len or mt.model.config.n_positions
-    token_ids = mt.tokenizer(list(texts), truncation=True, max_length=max_len)["input_ids"]
+    texts = list(texts[:n_samples])          # n_samples keys need at most n_samples texts, too
+    token_ids = mt.tokenizer(texts, truncation=True, max_length=max_len)["input_ids"]
     chosen = [ids for ids in _select(token_ids, n_samples, count) if ids]
     if not chosen:
         raise ValueError("no text to estimate C from: pass a non-empty list of texts")
