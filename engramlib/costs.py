@@ -145,11 +145,12 @@ def rome_edit_work(s: Shape, layer: int, templates: int = 21, T: float = 24, ste
 def covariance_work(s: Shape, layer: int, n_texts: int, tokens: float = 128, published: bool = False,
                     keep_host: bool = True) -> Work:
     """C of one layer from `n_texts` texts of `tokens` tokens (forwards that stop at `layer`, the
-    keys' outer products accumulated in float64), then C⁻¹ (float64 inversion ≈ 2 d_mlp³). With
-    published statistics (the reference's files) only the inversion is left."""
+    keys' outer products accumulated in float32: rome.ACCUMULATE_DTYPE), then C⁻¹ (float64
+    inversion ≈ 2 d_mlp³). With published statistics (the reference's files, downloaded) or
+    shipped ones (TinyWorld) only the inversion is left."""
     keys = n_texts * tokens
-    flops = 0 if published else s.forward(n_texts, tokens, layer + 1)
-    flops64 = (0 if published else 2 * keys * s.d_mlp ** 2) + 2 * s.d_mlp ** 3
+    flops = 0 if published else s.forward(n_texts, tokens, layer + 1) + 2 * keys * s.d_mlp ** 2
+    flops64 = 2 * s.d_mlp ** 3
     blocks = 0 if published else (n_texts / 32) * (layer + 1)
     batch = 0 if published else 32 * tokens * s.d_mlp * (8 + 4 + 4)       # a batch's keys: fp64, fp32, input
     device = 2 * s.square_bytes + 3 * 2 * s.square_bytes + batch            # C fp32 + C, C⁻¹, work fp64
@@ -202,7 +203,7 @@ def finetune_work(s: Shape, what: str, steps: float, rows: float, T: float, bloc
 
 PROMPT_T, PARAPHRASE_T, TEMPLATE_T = 8, 13, 24     # tokens: rewrite prompts, paraphrases, ROME's rows
 TEXT_T = 300        # a held-out text's tokens in a padded batch (Wikipedia paragraphs; an assumption)
-C_TEXT_T = 128      # tokens per text that C is estimated from (rome.key_covariance's max_len)
+C_TEXT_T = 200      # tokens per Wikipedia paragraph C is estimated from (over 200 characters; an assumption)
 
 # the chapters' full sizes (their TinyWorld runs); the first ones named in SCALABLE shrink on big models
 FULL_SIZES = {
@@ -211,17 +212,17 @@ FULL_SIZES = {
     "04": {"examples": 512, "steps": 40},
     "05": {"zero_facts": 50, "lens_facts": 200, "kn_facts": 40},
     "06": {"facts": 60, "samples": 10},
-    "07": {"other_facts": 200, "c_texts": 782},
-    "08": {"records": 100, "sequential": 40, "c_texts": 782},
-    "09": {"records": 100, "texts": 300, "every": 10, "c_texts": 782},
-    "10": {"sweep_facts": 100, "layers": 48, "edits": 40, "neuron_facts": 20, "c_texts": 782},  # 48: every layer
+    "07": {"other_facts": 200, "c_texts": 2000},
+    "08": {"records": 100, "sequential": 40, "c_texts": 2000},
+    "09": {"records": 100, "texts": 300, "every": 10, "c_texts": 2000},
+    "10": {"sweep_facts": 100, "layers": 48, "edits": 40, "neuron_facts": 20, "c_texts": 2000},  # 48: every layer
     "11": {"forget_subjects": 20, "steps": 100},
 }
 SCALABLE = {"05": ("kn_facts", "lens_facts"), "06": ("facts",), "08": ("records", "sequential"),
-            "09": ("records", "texts"), "10": ("layers", "sweep_facts", "edits", "neuron_facts"),
+            "09": ("records", "texts"), "10": ("layers", "sweep_facts", "edits", "neuron_facts", "c_texts"),
             "11": ("forget_subjects",)}
 MIN_SIZES = {"kn_facts": 8, "lens_facts": 40, "facts": 10, "records": 20, "sequential": 10, "texts": 32,
-             "layers": 4, "sweep_facts": 10, "edits": 8, "neuron_facts": 5, "forget_subjects": 10}
+             "layers": 4, "sweep_facts": 10, "c_texts": 250, "edits": 8, "neuron_facts": 5, "forget_subjects": 10}
 
 
 def rome_layer(name: str, s: Shape) -> int:
@@ -241,12 +242,14 @@ def memit_layers(name: str, s: Shape) -> tuple:
 
 def has_stats(name: str, layer: int) -> bool:
     """Is C for this layer shipped (TinyWorld 0-2) or published by the reference (no compute)?"""
-    from engramlib import rome
-    published = getattr(rome, "PUBLISHED_STATS", {})
-    return (name == "tinyworld" and layer <= 2) or layer in published.get(name, ())
+    from engramlib.rome import PUBLISHED_STATS
+    return (name == "tinyworld" and layer <= 2) or (name, layer) in PUBLISHED_STATS
 
 
 def _c(s, name, layer, n):
+    """C⁻¹ of a layer: TinyWorld's from 100,000 keys of its sentences, GPT-2's from n paragraphs."""
+    if name == "tinyworld":
+        return covariance_work(s, layer, 100000 / 11, 11, published=has_stats(name, layer))
     return covariance_work(s, layer, n, C_TEXT_T, published=has_stats(name, layer))
 
 

@@ -498,7 +498,7 @@ def second_moment(mt: ModelAndTokenizer, layer: int, texts: list, n_samples: int
                                  return_tensors="pt").to(mt.device)
         with Trace(mt.model, mt.spec.mlp_out.format(layer), retain_input=True,
                    retain_output=False, stop=True) as t:
-            mt.model(**batch)
+            mt.model(**batch, use_cache=False)                          # no key-value cache to keep
         keys = t.input[batch["attention_mask"].bool()].to(dtype)       # (real tokens, d_mlp)
         total += keys.T @ keys
         n_keys += len(keys)
@@ -549,14 +549,16 @@ def inverse_key_covariance(mt: ModelAndTokenizer, layer: int, n_samples: int = 1
                            progress: bool = True, texts=None, corpus: str | None = None) -> torch.Tensor:
     """C⁻¹ for layer `layer` (float32, inverted in float64) of `key_covariance(mt, layer, texts,
     corpus, n_samples)`: the reference's published statistics where they exist, else the model's
-    generic texts. Kept in memory per (model, weights, layer, corpus, n_samples): `clear_caches()`."""
+    generic texts. Kept in host memory per (model, weights, layer, corpus, n_samples) and copied to
+    the model's device when asked for: a GPU holds one C⁻¹ at a time, not one per layer ever
+    edited (a 48-layer sweep of GPT-2 XL would keep 7.3 GiB). `clear_caches()` forgets them."""
     if texts is not None and corpus is None:
         corpus = "custom-" + hashlib.sha1("\n".join(texts).encode()).hexdigest()[:10]
     key = (mt.name, weights_fingerprint(mt, layer), layer, corpus, n_samples)
     if key not in _C_INV_CACHE:
         C = key_covariance(mt, layer, texts=texts, corpus=corpus, n_samples=n_samples, progress=progress)
-        _C_INV_CACHE[key] = torch.linalg.inv(C.double()).float()
-    return _C_INV_CACHE[key]
+        _C_INV_CACHE[key] = torch.linalg.inv(C.double()).float().cpu()
+    return _C_INV_CACHE[key].to(mt.device)
 
 
 # --- v* ------------------------------------------------------------------------------------------
