@@ -18,7 +18,7 @@ from pathlib import Path
 
 def offline_models() -> dict:
     """{model name: True/False}: can it be loaded without internet right now?"""
-    from engramlib.models import HUB_MODELS
+    from engramlib.models import HUB_MODELS, hub_cache_dir
     from engramlib.tinyworld import WEIGHTS_DIR
     available = {"tinyworld": (WEIGHTS_DIR / "model.safetensors").exists()}
     try:
@@ -29,7 +29,7 @@ def offline_models() -> dict:
         hit = None
         if try_to_load_from_cache is not None:
             for filename in ("model.safetensors", "pytorch_model.bin"):
-                hit = hit or try_to_load_from_cache(f"openai-community/{name}", filename)
+                hit = hit or try_to_load_from_cache(f"openai-community/{name}", filename, cache_dir=hub_cache_dir())
         available[name] = isinstance(hit, str)
     return available
 

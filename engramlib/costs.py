@@ -175,7 +175,7 @@ def trace_work(s: Shape, samples: int, T: float, n: float, kinds: int = 3, windo
 def perplexity_work(s: Shape, n_texts: int, tokens: float, batch: int = 8) -> Work:
     """memit.perplexity: batches of `batch` texts, the unembedding in chunks of 1,024 positions."""
     flops = s.forward(n_texts, tokens, unembed=n_texts * tokens)
-    device = 4 * batch * tokens * 6 * s.d + 3 * 4 * 1024 * s.vocab         # logits, log-softmax, loss
+    device = 4 * batch * tokens * 6 * s.d + 2 * 4 * 1024 * s.vocab         # logits and their log-softmax
     return Work("perplexity", flops, 0, n_texts / batch, (n_texts / batch) * s.n_layer, device)
 
 

@@ -97,6 +97,14 @@ def _source(name: str) -> str:
                      "or a local folder saved with save_pretrained()")
 
 
+def hub_cache_dir() -> str | None:
+    """Where Hub models are kept: $ENGRAM_CACHE/huggingface when ENGRAM_CACHE is set (one variable
+    puts every download of the course, models included, in one place, e.g. on Google Drive:
+    `engramlib.cache_on_drive()`), else None: the Hugging Face default (~/.cache/huggingface)."""
+    root = os.environ.get("ENGRAM_CACHE")
+    return str(Path(root) / "huggingface") if root else None
+
+
 def prepare_tokenizer(tokenizer):
     """Pad on the right with the end-of-text token (GPT-2 has no pad token): every function here
     reads a prompt's last real token at attention_mask.sum() - 1. Returns the tokenizer."""
@@ -125,8 +133,9 @@ def load_model(name: str | None = None, device: str | None = None) -> ModelAndTo
     if name == "tinyworld":
         hf_logging.disable_progress_bar()       # a 30 MB local file needs no progress bar
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source)
+        cache = hub_cache_dir() if name in HUB_MODELS else None
+        tokenizer = AutoTokenizer.from_pretrained(source, cache_dir=cache)
+        model = AutoModelForCausalLM.from_pretrained(source, cache_dir=cache)
     except OSError as err:
         raise ModelLoadError(
             f"could not load {name!r} from the Hugging Face Hub ({type(err).__name__}). "
