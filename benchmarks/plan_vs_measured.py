@@ -13,6 +13,7 @@ on the same cores make every time longer.
 """
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -129,6 +130,12 @@ def measure(mt, device: str) -> list:
 
 
 def main(argv=None) -> int:
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        # glibc then maps every block of ≥ 64 KiB on its own and returns it when freed, so the
+        # process's peak resident memory follows the tensors alive at once (else freed memory
+        # stays in malloc's arenas and a step's peak is hidden, or doubled, by the step before)
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--shape", default="gpt2", choices=list(budget.GPT2_SHAPES))
