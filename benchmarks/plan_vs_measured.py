@@ -155,16 +155,18 @@ def main(argv=None) -> int:
     for what, work, seconds, nbytes in rows:
         planned = budget.seconds_of(work, dev)
         t_ratio, m_ratio = seconds / planned, nbytes / max(1, work.device)
-        off = abs(t_ratio - 1) > args.tolerance or abs(m_ratio - 1) > args.tolerance
+        # the latency row calibrates a GPU's launch overhead; on a CPU it is no heavy step: shown only
+        checked = "latency" not in what or args.device.startswith("cuda")
+        off = checked and (abs(t_ratio - 1) > args.tolerance or abs(m_ratio - 1) > args.tolerance)
         bad += off
         print(f"{what:<50}{planned:>9.2f}{seconds:>9.2f}{t_ratio:>7.2f}{work.device / 2**20:>10.0f}"
-              f"{nbytes / 2**20:>10.0f}{m_ratio:>7.2f}{'  OFF' if off else ''}")
+              f"{nbytes / 2**20:>10.0f}{m_ratio:>7.2f}{'  OFF' if off else '' if checked else '  (not checked)'}")
         out.append({"step": what, "planned_s": planned, "measured_s": seconds, "planned_bytes": work.device,
                     "measured_bytes": nbytes, "flops": work.flops, "flops64": work.flops64, "blocks": work.blocks})
     if args.json:
         Path(args.json).write_text(json.dumps({"device": dev.name, "flops": dev.flops, "flops64": dev.flops64,
                                                "shape": args.shape, "rows": out}, indent=1))
-    print(f"\n{len(rows) - bad} of {len(rows)} steps within ±{args.tolerance:.0%} of the plan")
+    print(f"\n{bad} step(s) off the plan by more than ±{args.tolerance:.0%}")
     return 1 if bad else 0
 
 

@@ -152,8 +152,8 @@ def covariance_work(s: Shape, layer: int, n_texts: int, tokens: float = 128, pub
     flops = 0 if published else s.forward(n_texts, tokens, layer + 1) + 2 * keys * s.d_mlp ** 2
     flops64 = 2 * s.d_mlp ** 3
     blocks = 0 if published else (n_texts / 32) * (layer + 1)
-    batch = 0 if published else 32 * tokens * s.d_mlp * (8 + 4 + 4)       # a batch's keys: fp64, fp32, input
-    device = 2 * s.square_bytes + 3 * 2 * s.square_bytes + batch            # C fp32 + C, C⁻¹, work fp64
+    batch = 0 if published else 32 * tokens * s.d_mlp * (4 + 4)           # a batch's keys: recorded, selected
+    device = 2 * s.square_bytes + 3 * 2 * s.square_bytes + batch            # Σkkᵀ and C fp32; C, C⁻¹, work fp64
     return Work(f"C and C⁻¹, layer {layer}", flops, flops64, 0 if published else n_texts / 32, blocks, device, 0,
                 s.square_bytes if keep_host else 0)
 
