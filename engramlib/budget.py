@@ -183,13 +183,15 @@ class Plan:
     minutes: float          # compute, at full size (the model's first download aside)
     steps: list             # [(what, minutes)]
     fits: bool
+    note: str = ""          # why another model than the one asked for
 
     def __str__(self) -> str:
         full = costs.FULL_SIZES[self.chapter]
         sizes = ", ".join(f"{k} {v}" + (f" (full {full[k]})" if v != full[k] else "") for k, v in self.sizes.items())
         where = f"GPU {self.gpu_gib:.1f} GiB, host {self.host_gib:.1f} GiB" if self.gpu_gib else f"memory {self.host_gib:.1f} GiB"
         return (f"Plan for chapter {self.chapter} on {self.model} ({self.device}): about {self.minutes:.0f} min of "
-                f"compute, {where}" + (f"; sizes: {sizes}" if sizes else "") + ("" if self.fits else "; DOES NOT FIT"))
+                f"compute, {where}" + (f"; sizes: {sizes}" if sizes else "") + ("" if self.fits else "; DOES NOT FIT")
+                + (f"\n({self.note})" if self.note else ""))
 
 
 UNLIMITED_GPU = Device("any GPU", 1e12, 1e11, 1.0, 0.0, 0.0, 2 ** 62, 2 ** 62, "memory counts only")
@@ -235,24 +237,36 @@ def _scaled(chapter: str, f: float) -> dict:
             for k, v in full.items()}
 
 
-def plan(chapter: str, model_name: str | None = None, device="current", minutes: float = 15) -> Plan:
+def plan(chapter: str, model_name: str | None = None, device="current", minutes: float = 15,
+         fallback: bool = True) -> Plan:
     """The plan of `chapter` on `model_name` and `device` ("t4", "cpu", "current" or a `Device`).
 
     model_name None: the model the chapter loads by default there (gpt2-xl on a GPU with ≥ 12 GB,
-    else TinyWorld; $ENGRAM_MODEL for "current"), or the largest smaller GPT-2 whose plan fits.
-    On a GPU, sizes shrink (never below `costs.MIN_SIZES`) until the compute fits `minutes`; on
-    a CPU a chapter runs its full sizes, however long it takes."""
+    else TinyWorld; $ENGRAM_MODEL for "current"). With `fallback`, a model whose plan does not fit
+    (memory, or `minutes` at the smallest sizes) gives way to the largest smaller GPT-2 that does,
+    and the plan says why. On a GPU, sizes shrink (never below `costs.MIN_SIZES`) until the compute
+    fits `minutes`; on a CPU a chapter runs its full sizes, however long it takes."""
     if chapter not in costs.FULL_SIZES:
         raise ValueError(f"unknown chapter {chapter!r}: one of {', '.join(costs.FULL_SIZES)}")
     dev = device_named(device)
     if model_name is None:
         from engramlib.models import default_model_name
-        default = default_model_name() if device == "current" else \
+        model_name = default_model_name() if device == "current" else \
             ("gpt2-xl" if dev.memory >= 12e9 else "tinyworld")
-        for name in FALLBACK_ORDER[FALLBACK_ORDER.index(default):] if default in FALLBACK_ORDER else (default,):
-            p = plan(chapter, name, dev, minutes)
-            if p.fits or name == "tinyworld":
-                return p
+    first = _sized_plan(chapter, model_name, dev, minutes)
+    if first.fits or not fallback or model_name not in FALLBACK_ORDER:
+        return first
+    for name in FALLBACK_ORDER[FALLBACK_ORDER.index(model_name) + 1:]:
+        p = _sized_plan(chapter, name, dev, minutes)
+        if p.fits or name == "tinyworld":
+            p.note = (f"{model_name} would need {first.gpu_gib:.1f} GiB and {first.minutes:.0f} min here "
+                      f"(at the smallest sizes), more than this device allows, so the chapter uses {name}")
+            return p
+    return first
+
+
+def _sized_plan(chapter: str, model_name: str, dev: Device, minutes: float) -> Plan:
+    """The plan of one model, its sizes shrunk on a GPU until the compute fits `minutes`."""
     full = _evaluate(chapter, model_name, dev, costs.FULL_SIZES[chapter])
     if not dev.memory or model_name == "tinyworld" or full.minutes <= minutes:
         return full
@@ -263,13 +277,6 @@ def plan(chapter: str, model_name: str | None = None, device="current", minutes:
     p = _evaluate(chapter, model_name, dev, _scaled(chapter, lo))
     p.fits = p.fits and p.minutes <= minutes
     return p
-
-
-def fits(chapter: str, name: str, memory: int) -> bool:
-    """Does `chapter`'s plan on model `name` fit in `memory` bytes? (TinyWorld always fits.)"""
-    if name == "tinyworld":
-        return True
-    return peak_bytes(chapter, *shape_of(name)) <= memory
 
 
 def model_for_chapter(chapter: str, preferred: str | None = None, memory: int | None = None) -> str:

@@ -168,3 +168,10 @@ def test_grafting_estimate_matches_the_memory_a_run_takes():
     _, blocks = budget.gpt2_param_counts(4, 512)
     planned = budget.STEPS["03"].blocks * blocks * 4
     assert 0.65 * planned <= measured <= 1.35 * planned, (measured / 2 ** 20, planned / 2 ** 20)
+
+
+def test_a_model_that_does_not_fit_gives_way_and_says_why():
+    p = budget.plan("09", "gpt2-xl", "t4")
+    assert p.model == "gpt2-large" and p.fits and "gpt2-xl would need" in str(p)
+    assert budget.plan("09", "gpt2-xl", "t4", fallback=False).model == "gpt2-xl"
+    assert budget.plan("07", "gpt2-xl", "t4").model == "gpt2-xl" and not budget.plan("07", "gpt2-xl", "t4").note
