@@ -279,6 +279,13 @@ def _sized_plan(chapter: str, model_name: str, dev: Device, minutes: float) -> P
     return p
 
 
+def fits(chapter: str, name: str, memory: int) -> bool:
+    """Does `chapter`'s memory at full size on model `name` fit in `memory` bytes? (TinyWorld always fits.)"""
+    if name == "tinyworld":
+        return True
+    return peak_bytes(chapter, *shape_of(name)) <= memory
+
+
 def model_for_chapter(chapter: str, preferred: str | None = None, memory: int | None = None) -> str:
     """`preferred` if the chapter's plan fits the device, else the largest smaller GPT-2 that
     does (printing why). preferred: a model name, or None (an unset ENGRAM_MODEL) for the model
