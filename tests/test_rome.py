@@ -209,6 +209,20 @@ def test_evaluate_edits_loop_and_metrics(tinyworld, tw_templates):
     out = evaluate_edits(tinyworld, records, editor, generations=False, progress=False)
     assert out["pre"]["ES"] < 50 and out["post"]["ES"] == 100
     assert set(out["post"]) >= {"ES", "PS", "NS", "EM", "PM", "NM", "S"}
+    # a second editor reuses the unedited rows: the same "pre", and record_metrics only after edits
+    import engramlib.evaluate as E
+    calls = []
+    real = E.record_metrics
+    monkey = lambda mt, record: calls.append(record["case_id"]) or real(mt, record)
+    E.record_metrics = monkey
+    try:
+        again = evaluate_edits(tinyworld, records, editor, generations=False, progress=False,
+                               pre_rows=out["pre_rows"])
+    finally:
+        E.record_metrics = real
+    assert again["pre"] == out["pre"] and len(calls) == len(records)
+    with pytest.raises(ValueError, match="pre_rows has 1 rows for 3 records"):
+        evaluate_edits(tinyworld, records, editor, pre_rows=out["pre_rows"][:1], progress=False)
 
 
 def test_ngram_entropy_prefers_varied_text():
