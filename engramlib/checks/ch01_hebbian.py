@@ -202,19 +202,16 @@ DIMENSION_CHOICES = (64, 128, 256, 512, 1024, 2048)
 
 def choose_dimension(d, n=2000, trials=2):
     """Exercise 1.5: d -> the smallest d among DIMENSION_CHOICES that recalls ≥ 90 % of n = 2,000 random
-    pairs after cleanup. The check measures the accuracy at d and at the next smaller choice."""
+    pairs after cleanup. The check measures the accuracy at the next smaller choice (it must fail),
+    then at d (it must pass)."""
     from engramlib import memory as M
     if isinstance(d, float) and d.is_integer():
         d = int(d)
     if d not in DIMENSION_CHOICES:
         _fail(f"choose one of {DIMENSION_CHOICES}, got {d!r}")
-    acc = M.capacity_curve(d, [n], trials=trials)[0]
-    if acc < 0.9:
-        _fail(f"at d = {d} only {acc:.0%} of the {n:,} memories come back after cleanup: n*(d) is below "
-              f"{n:,}. Read the n* you measured above and follow its growth past the last dimension")
     smaller = DIMENSION_CHOICES[DIMENSION_CHOICES.index(d) - 1] if d != DIMENSION_CHOICES[0] else None
     acc_smaller = M.capacity_curve(smaller, [n], trials=trials)[0] if smaller else 0.0
-    if acc_smaller >= 0.9:
+    if acc_smaller >= 0.9:                  # then d works too (capacity grows with d): d is not the smallest
         if d >= n:
             _fail(f"d = {d} works, but so does d = {smaller} ({acc_smaller:.0%}): you asked for about as many "
                   "dimensions as memories, the rule for a CLEAN raw recall. Cleanup only needs the right value "
@@ -222,6 +219,10 @@ def choose_dimension(d, n=2000, trials=2):
         _fail(f"d = {d} works, but so does d = {smaller} ({acc_smaller:.0%}): did you extrapolate n* in "
               "proportion to d (a fixed number of memories per dimension)? The measured n* grows faster: "
               "look at how much it grew from one doubling of d to the next")
+    acc = M.capacity_curve(d, [n], trials=trials)[0]
+    if acc < 0.9:
+        _fail(f"at d = {d} only {acc:.0%} of the {n:,} memories come back after cleanup: n*(d) is below "
+              f"{n:,}. Read the n* you measured above and follow its growth past the last dimension")
     print(f"✓ choose_dimension passed: d = {d} recalls {acc:.1%} of {n:,} memories, d = {smaller} only "
           f"{acc_smaller:.1%}")
 
