@@ -330,17 +330,19 @@ def answer_3_1(lead, top_movement_at_1pc, acc_ft):
     return out
 
 
-def answer_3_2(acc_without, acc_ft, acc_pre):
-    """Predict 3.2: the fine-tuned model without the optimised region stays near fine-tuned (a), falls
-    part of the way (b) or to the pretrained level (c)."""
-    out = set()
-    if acc_without >= acc_ft - 0.1 - 1e-9:
-        out.add("a")
-    if acc_without <= acc_pre + 0.1 + 1e-9:
-        out.add("c")
-    if not out or (abs(acc_without - (acc_ft - 0.1)) <= 1e-9 or abs(acc_without - (acc_pre + 0.1)) <= 1e-9):
+def _stays_or_falls(value, stays_from, falls_to, tol=1e-9):
+    """a: at or above `stays_from`; c: at or below `falls_to`; b: in between (or on either edge: a tie)."""
+    out = {"a"} if value >= stays_from - tol else set()
+    out |= {"c"} if value <= falls_to + tol else set()
+    if not out or abs(value - stays_from) <= tol or abs(value - falls_to) <= tol:
         out.add("b")
     return out
+
+
+def answer_3_2(acc_without, acc_ft, acc_pre):
+    """Predict 3.2: the fine-tuned model without the optimised region stays near fine-tuned (a, within 10
+    points), falls part of the way (b) or to the pretrained level (c, within 10 points of it)."""
+    return _stays_or_falls(acc_without, acc_ft - 0.1, acc_pre + 0.1)
 
 
 def answer_3_3(contiguous, scattered):
@@ -356,14 +358,7 @@ def answer_4_1(before, after):
 
 def answer_4_2(grafted, after_b, sequential):
     """Predict 4.2: A as before (a, within 5 points), partly lost (b), or as badly as sequential (c)."""
-    out = set()
-    if after_b >= grafted - 0.05 - 1e-9:
-        out.add("a")
-    if after_b <= sequential + 0.05 + 1e-9:
-        out.add("c")
-    if not out or abs(after_b - (grafted - 0.05)) <= 1e-9 or abs(after_b - (sequential + 0.05)) <= 1e-9:
-        out.add("b")
-    return out
+    return _stays_or_falls(after_b, grafted - 0.05, sequential + 0.05)
 
 
 def answer_4_3(overlap):
