@@ -48,13 +48,13 @@ def _update_rule(fn, name: str, sign: float):
     W_copy = W.clone()
     k = torch.tensor([1., 2.], dtype=torch.float64)
     v = torch.tensor([0., 2., -1.], dtype=torch.float64)
-    got = _call(fn, W, k, v, lr=0.5, shape_hint="v kᵀ must have W's shape (d_v, d_k): use torch.outer(v, k), not torch.outer(k, v) (you computed k vᵀ)")
+    got = _call(fn, W, k, v, lr=0.5, shape_hint="v kᵀ must have W's shape (d_v, d_k), one row per entry of the value; k vᵀ has the transposed shape")
     if not torch.is_tensor(got):
         _fail(f"expected a tensor, got {type(got).__name__}: did you forget to return?")
     if not torch.equal(W, W_copy):
         _fail("your function changed W in place; return a new tensor (W + ..., not W += ...)")
     if got.shape == (2, 3):
-        _fail("expected shape (3, 2) = (d_v, d_k), got (2, 3): you computed k vᵀ; use torch.outer(v, k)")
+        _fail("expected shape (3, 2) = (d_v, d_k), got (2, 3): you computed k vᵀ; the value indexes the rows")
     if got.shape != (3, 2):
         _fail(f"expected shape (3, 2) = (d_v, d_k), got {tuple(got.shape)}")
     ref = W + sign * 0.5 * torch.outer(v, k)
@@ -92,11 +92,27 @@ def predict(key: str, question: str, choices: dict | None = None, answer=None) -
 
 def reveal(key: str, measured, explanation: str, correct=None) -> None:
     """After the experiment: print the prediction (if any), what was measured, and the explanation.
-    correct: the right choice (multiple choice) or None when only the number matters."""
+    correct: the right choice (multiple choice), a set of choices that are all right (a tie, or a
+    measurement on the boundary between two choices), or None when only the number matters."""
     guess = PREDICTIONS.get(key)
     said = "no prediction recorded" if guess is None else f"you predicted {guess!r}"
-    verdict = "" if correct is None or guess is None else (" ✓" if guess == correct else f" (answer: {correct!r})")
+    right = {correct} if isinstance(correct, str) else set(correct or ())
+    shown = " or ".join(repr(c) for c in sorted(right))
+    verdict = "" if not right or guess is None else (" ✓" if guess in right else f" (answer: {shown})")
     print(f"Predict {key}: {said}{verdict}; measured: {measured}")
     print(explanation)
 
 
+def choice_between(value: float, edges, letters, tol: float = 1e-9) -> set:
+    """The choices of a binned prediction that `value` falls in: letters[0] below edges[0],
+    letters[i] between edges[i-1] and edges[i], letters[-1] above the last edge. A value on an edge
+    (within tol) is a tie: both neighbouring choices count as right."""
+    if len(letters) != len(edges) + 1:
+        raise ValueError(f"{len(edges)} edges need {len(edges) + 1} letters, got {len(letters)}")
+    out = set()
+    for i, edge in enumerate(edges):
+        if abs(value - edge) <= tol:
+            out |= {letters[i], letters[i + 1]}
+    if not out:
+        out.add(letters[sum(value > edge for edge in edges)])
+    return out
