@@ -28,8 +28,8 @@ import torch
 from tqdm.auto import tqdm
 
 from engramlib.models import ModelAndTokenizer
-from engramlib.tracing import (TraceInputs, TraceResult, _check_args, _corrupt, _prepare, _result,
-                               _window)
+from engramlib.trace_inputs import (TraceInputs, TraceResult, _check_args, _corrupt, _prepare, _result,
+                                    _window)
 
 
 def _attention(attn, x, past_k, past_v, layer: int, last_only: bool = False):
