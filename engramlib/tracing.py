@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from engramlib.fast_trace import trace  # noqa: F401  (the fast trace, importable from here)
+from engramlib.fast_trace import _is_gpt2, attribution_states, trace  # noqa: F401  (trace: importable from here)
 from engramlib.hooks import TraceDict
 from engramlib.models import ModelAndTokenizer
 from engramlib.trace_inputs import (KINDS, TraceInputs, TraceResult, _check_args, _corrupt,  # noqa: F401
@@ -153,9 +153,30 @@ def attribution_trace_kinds(mt: ModelAndTokenizer, prompt: str, subject: str, sa
 
 
 def _attribution_grids(mt, inputs: TraceInputs, answer) -> tuple:
-    """The work of `attribution_trace_kinds` on prepared inputs (noise drawn, answer not yet known).
+    """The work of `attribution_trace_kinds` on prepared inputs (noise drawn, answer not yet known):
+    GPT-2's own forward pass (`fast_trace.attribution_states`, which skips what no gradient uses)
+    for GPT-2 models, hooks on the Hugging Face model (`_attribution_grids_hooks`) otherwise.
 
     Returns (inputs with the answer, low_score, {kind: first-order effects [T, L]})."""
+    if not _is_gpt2(mt):
+        return _attribution_grids_hooks(mt, inputs, answer)
+    inputs, probs, states = attribution_states(mt, inputs, answer)
+    flat = [(kind, layer, *state) for kind in KINDS for layer, state in enumerate(states[kind])]
+    with torch.enable_grad():                          # also when called under torch.no_grad()
+        grads = torch.autograd.grad(probs.sum(), [corrupted for *_, corrupted, _ in flat],  # one backward
+                                    allow_unused=True)
+    T = inputs.ids.shape[1]
+    grids = {kind: torch.zeros(T, mt.n_layers, dtype=_upcast(probs).dtype) for kind in KINDS}
+    for (kind, layer, clean, corrupted, t0), g in zip(flat, grads):
+        if g is not None:
+            both = torch.cat([clean[None], corrupted.detach()])            # [1 + S, T_l, d]
+            grids[kind][t0:, layer] = _first_order_effects(both, torch.cat([torch.zeros_like(g[:1]), g])).cpu()
+    return inputs, probs.mean().item(), grids
+
+
+def _attribution_grids_hooks(mt, inputs: TraceInputs, answer) -> tuple:
+    """`_attribution_grids` for any model with hooks: one forward pass of the whole batch through
+    the Hugging Face model, recording every site's output (the obvious twin of the GPT-2 path)."""
     names = [name for kind in KINDS for name in _site_names(mt, kind)]
     inputs, probs, outputs = _attribution_run(mt, inputs, names, answer)
     with torch.enable_grad():                          # also when called under torch.no_grad()

@@ -248,11 +248,11 @@ def test_attribution_is_the_derivative_of_the_restoration(request, model):
 
 
 def test_interpolation_at_eps_1_is_the_traces_restoration(tinyworld):
-    """The finite-difference patch above, at eps = 1, is what `trace_loop` restores (window 1): the
-    derivative tested is the derivative of the trace's own quantity."""
+    """The finite-difference patch above, at eps = 1, is what the trace restores (window 1; `trace`
+    equals `trace_loop`, tested above): the derivative tested is that of the trace's own quantity."""
     kwargs = dict(samples=2, seed=3, answer="Seattle")
     inputs = _prepare(tinyworld, SHORT, SUBJECT, 2, None, "Seattle", 3)
-    refs = {kind: trace_loop(tinyworld, SHORT, SUBJECT, kind=kind, window=1, **kwargs) for kind in KINDS}
+    refs = {kind: trace(tinyworld, SHORT, SUBJECT, kind=kind, window=1, **kwargs) for kind in KINDS}
     for kind, name, t, l in _sites(tinyworld, inputs):
         assert _interpolated_p(tinyworld, inputs, name, t, 1.0) == pytest.approx(
             refs[kind].scores[t, l].item(), abs=1e-5)
@@ -337,3 +337,21 @@ def test_no_import_circle_between_the_trace_modules():
     assert not {"engramlib.tracing", "engramlib.fast_trace"} & imports("trace_inputs")
     assert "engramlib.tracing" not in imports("fast_trace")
     assert "engramlib.trace_inputs" in imports("fast_trace") & imports("tracing")
+
+
+@pytest.mark.parametrize("model,prompt", [("tinyworld", SHORT), ("tinyworld", AT_START),
+                                          ("tinyworld", "Where is it? The Space Needle is in"),
+                                          ("gpt2_shapes_4_layers", SHORT)])
+def test_gpt2_attribution_path_equals_the_hooks_path(request, model, prompt):
+    """GPT-2's own forward pass (clean row apart, shared prefix, last position only at the top) gives
+    the hooks' numbers on the Hugging Face model, wherever the subject starts."""
+    from engramlib.tracing import _attribution_grids, _attribution_grids_hooks, _draw_noise
+    mt = request.getfixturevalue(model)
+    inputs = _draw_noise(mt, prompt, SUBJECT, 3, None, 2)
+    fast_inputs, fast_low, fast = _attribution_grids(mt, inputs, None)
+    ref_inputs, ref_low, ref = _attribution_grids_hooks(mt, inputs, None)
+    assert fast_inputs.answer_id == ref_inputs.answer_id
+    assert fast_low == pytest.approx(ref_low, abs=1e-6)
+    for kind in KINDS:
+        scale = ref[kind].abs().max().item()
+        assert scale > 0 and (fast[kind] - ref[kind]).abs().max().item() <= 1e-4 * scale
