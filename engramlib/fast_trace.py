@@ -21,6 +21,9 @@ block computations.
 Step 2 needs a GPT-2 block that takes a past of cached keys/values: `_attention` and `_block`
 re-implement Hugging Face's `GPT2Block` for that (no dropout; eval mode). `tests/test_tracing.py`
 compares `trace` with `trace_loop` on TinyWorld and on a random model with GPT-2's real shapes.
+
+`attribution_states` is the forward pass of attribution patching (`tracing.attribution_trace_kinds`)
+on the same blocks; the tests compare it with the hooks on the Hugging Face model.
 """
 from __future__ import annotations
 

@@ -112,13 +112,13 @@ def _attribution_run(mt, inputs: TraceInputs, names: list, answer) -> tuple:
     return inputs, probs, {name: recorded[name].output for name in names}
 
 
-def _first_order_effects(h: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+def _first_order_effects(clean: torch.Tensor, corrupted: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """(h_clean − h_corrupt) · ∂p/∂h at every token, averaged over the corrupted rows.
 
-    h: [S + 1, T, d] (row 0 clean, rows 1.. corrupted); grad: ∂(Σ_s p_s)/∂h, same shape (row s's
-    gradient is ∂p_s/∂h_s: the rows do not interact). Returns [T]."""
-    delta = _upcast(h[:1] - h[1:])                     # [S, T, d]: clean minus corrupted
-    return (delta * _upcast(grad[1:])).sum(-1).mean(0)
+    clean: [T, d]; corrupted: [S, T, d]; grad: [S, T, d], row s's ∂p_s/∂h_s (one backward pass of
+    Σ_s p_s gives them all: the rows do not interact). Returns [T]."""
+    delta = _upcast(clean - corrupted)                 # [S, T, d]: clean minus corrupted
+    return (delta * _upcast(grad)).sum(-1).mean(0)
 
 
 def attribution_trace_kinds(mt: ModelAndTokenizer, prompt: str, subject: str, samples: int = 10,
@@ -132,10 +132,11 @@ def attribution_trace_kinds(mt: ModelAndTokenizer, prompt: str, subject: str, sa
 
         score[t, l] = low_score + mean over noise draws of (h_clean − h_corrupt) · ∂p/∂h_corrupt
 
-    (Nanda 2023; Syed et al. 2023). One forward pass of the batch (row 0 clean, one row per noise
-    draw, the same draws as `trace` with the same seed) records every site's h; ONE backward pass
-    of Σ_s p_s gives ∂p/∂h for all 3 L sites at every token at once. Before the subject
-    h_clean = h_corrupt, so those scores are low_score, as in the trace.
+    (Nanda 2023; Syed et al. 2023). One forward pass of the clean prompt and of one corrupted copy
+    per noise draw (the same draws as `trace` with the same seed) records every site's h; ONE
+    backward pass of Σ_s p_s gives ∂p/∂h for all 3 L sites at every token at once. Before the
+    subject h_clean = h_corrupt, so those scores are low_score, as in the trace. GPT-2 models run
+    `fast_trace.attribution_states` (the same numbers, less work); others run hooks.
 
     Windows: these are window-1 grids (each site restores its own layer only). To first order, a
     restoration of several outputs at once (the trace's window of mlp/attn layers) is the sum of
@@ -168,9 +169,8 @@ def _attribution_grids(mt, inputs: TraceInputs, answer) -> tuple:
     T = inputs.ids.shape[1]
     grids = {kind: torch.zeros(T, mt.n_layers, dtype=_upcast(probs).dtype) for kind in KINDS}
     for (kind, layer, clean, corrupted, t0), g in zip(flat, grads):
-        if g is not None:
-            both = torch.cat([clean[None], corrupted.detach()])            # [1 + S, T_l, d]
-            grids[kind][t0:, layer] = _first_order_effects(both, torch.cat([torch.zeros_like(g[:1]), g])).cpu()
+        if g is not None:                              # None: cannot reach p(answer), effect 0
+            grids[kind][t0:, layer] = _first_order_effects(clean, corrupted.detach(), g).cpu()
     return inputs, probs.mean().item(), grids
 
 
@@ -182,8 +182,9 @@ def _attribution_grids_hooks(mt, inputs: TraceInputs, answer) -> tuple:
     with torch.enable_grad():                          # also when called under torch.no_grad()
         grads = torch.autograd.grad(probs.sum(), [outputs[name] for name in names],  # one backward
                                     allow_unused=True)
-    effects = {name: _first_order_effects(outputs[name].detach(),
-                                          torch.zeros_like(outputs[name]) if g is None else g)
+    h = {name: outputs[name].detach() for name in names}                  # [S + 1, T, d], row 0 clean
+    effects = {name: _first_order_effects(h[name][0], h[name][1:],
+                                          torch.zeros_like(h[name][1:]) if g is None else g[1:])
                for name, g in zip(names, grads)}
     grids = {kind: torch.stack([effects[name] for name in _site_names(mt, kind)], dim=1).cpu()
              for kind in KINDS}
