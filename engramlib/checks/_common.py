@@ -92,11 +92,26 @@ def predict(key: str, question: str, choices: dict | None = None, answer=None) -
 
 def reveal(key: str, measured, explanation: str, correct=None) -> None:
     """After the experiment: print the prediction (if any), what was measured, and the explanation.
-    correct: the right choice (multiple choice) or None when only the number matters."""
+    correct: the right choice (multiple choice), a set of them (ties: each tied choice counts), or
+    None when only the number matters."""
     guess = PREDICTIONS.get(key)
     said = "no prediction recorded" if guess is None else f"you predicted {guess!r}"
-    verdict = "" if correct is None or guess is None else (" ✓" if guess == correct else f" (answer: {correct!r})")
+    right = set(correct) if isinstance(correct, (set, frozenset, list, tuple)) else {correct}
+    shown = " or ".join(repr(c) for c in sorted(right, key=str))
+    verdict = "" if correct is None or guess is None else \
+        " (the measurement cannot decide)" if not right else (" ✓" if guess in right else f" (answer: {shown})")
     print(f"Predict {key}: {said}{verdict}; measured: {measured}")
     print(explanation)
 
 
+def band_choices(value: float, bands: dict) -> set:
+    """The choices whose closed interval holds `value`: bands {"a": (low, high), ...}. A value on the
+    edge shared by two bands counts for both (a tie)."""
+    return {choice for choice, (low, high) in bands.items() if low <= value <= high}
+
+
+def decided_choices(value: float, n: int, bands: dict, full: float | None = None, min_n: int = 30) -> set:
+    """The right choices of a banded prediction: from the measured `value` when its sample (`n` items)
+    is large enough to decide, else from `full`, the full-size measurement the chapter quotes (when
+    there is one; a reveal should then print it next to the small sample's value)."""
+    return band_choices(value if n >= min_n or full is None else full, bands)
