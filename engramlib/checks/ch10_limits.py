@@ -10,12 +10,12 @@ def _layer_tables(seed=0, n=40):
     """Synthetic (fact × layer) tables with a known answer. Four layers whose mean success falls as a
     curve (not a straight line); returns {name: (effects, scores, what the trace adds)}."""
     g = torch.Generator().manual_seed(seed)
-    curve = torch.tensor([0.95, 0.40, 0.35, 0.05])
+    curve = torch.tensor([0.95, 0.10, 0.05, 0.02])
     noise = lambda scale: scale * torch.randn(n, 4, generator=g)
     own = torch.rand(n, 4, generator=g)
     return {
         # the trace and the success both follow the layer, and nothing else links them
-        "layer only": (curve + noise(0.1), curve + noise(0.05), "none"),
+        "layer only": (curve + noise(0.03), curve + noise(0.05), "none"),
         # within every layer, the facts that trace more strongly are the ones that edit better
         "trace within layers": (own, 0.3 * curve + 0.7 * own + noise(0.02), "much"),
     }
@@ -46,7 +46,7 @@ def trace_beyond_layer(fn):
             if abs(got - numeric) < 1e-3:
                 _fail(f"on a table where the trace carries nothing beyond the layer you returned {got:.2f}: the layer "
                       "entered your fit as one number (a straight line in the layer index), which cannot follow a "
-                      "curve like 0.95, 0.40, 0.35, 0.05, so the trace soaks up what the line misses. Give each layer "
+                      "curve like 0.95, 0.10, 0.05, 0.02, so the trace soaks up what the line misses. Give each layer "
                       "its own value (one indicator column per layer)")
             if abs(got - _r2(effects, scores)) < 1e-3:
                 _fail(f"you returned {got:.2f}, what the layer and the trace explain TOGETHER; the question is what "
