@@ -25,6 +25,7 @@ def trace_beyond_layer(fn):
     """Exercise 10.1: fn(effects, scores) -> a number near 0 when the trace effect says nothing about
     edit success that the layer does not already say, and large when it does (Hase et al. 2023).
     effects, scores: [n_facts, n_layers]."""
+    from engramlib.limits import localization_vs_editing
     for name, (effects, scores, adds) in _layer_tables().items():
         got = _call(fn, effects.clone(), scores.clone(),
                     shape_hint="effects and scores are [n_facts, n_layers]: one row per fact, one column per layer")
@@ -35,20 +36,20 @@ def trace_beyond_layer(fn):
         if got != got:
             _fail("your function returned NaN: a correlation within a layer whose scores are all equal is "
                   "undefined; measure with something that stays defined (a fit's R², say)")
-        pooled_r = torch.corrcoef(torch.stack([effects.flatten(), scores.flatten()]))[0, 1].item()
+        stats = localization_vs_editing(effects, scores)
+        pooled_r = stats["correlation"]
         if adds == "none" and got > 0.1:
             if abs(got - pooled_r) < 1e-3 or abs(got - pooled_r ** 2) < 1e-3:
                 _fail(f"on a table where the trace carries nothing beyond the layer you returned {got:.2f}, the "
                       "correlation over all (fact, layer) pairs: both the trace and the success fall with the "
                       "layer, so they correlate through the layer alone. Compare facts WITHIN a layer, or ask what "
                       "the trace explains on top of the layer")
-            numeric = _r2(effects, scores, layers="numeric") - _r2(effects, scores, layers="numeric", trace=False)
-            if abs(got - numeric) < 1e-3:
+            if abs(got - _numeric_layer_adds(effects, scores)) < 1e-3:
                 _fail(f"on a table where the trace carries nothing beyond the layer you returned {got:.2f}: the layer "
                       "entered your fit as one number (a straight line in the layer index), which cannot follow a "
                       "curve like 0.95, 0.10, 0.05, 0.02, so the trace soaks up what the line misses. Give each layer "
                       "its own value (one indicator column per layer)")
-            if abs(got - _r2(effects, scores)) < 1e-3:
+            if abs(got - stats["r2_both"]) < 1e-3:
                 _fail(f"you returned {got:.2f}, what the layer and the trace explain TOGETHER; the question is what "
                       "the trace adds to what the layer alone explains")
             _fail(f"on a table where the success depends on the layer only (the trace follows the layer too, "
@@ -56,22 +57,18 @@ def trace_beyond_layer(fn):
         if adds == "much" and not 0.3 < got <= 1.0 + 1e-9:
             _fail(f"on a table where, within every layer, the facts that trace more strongly edit better, you "
                   f"returned {got:.2f}; expected a clearly positive share (the reference: "
-                  f"{_r2(effects, scores) - _r2(effects, scores, trace=False):.2f})")
+                  f"{stats['trace_adds']:.2f})")
     _ok("trace_beyond_layer")
 
 
-def _r2(effects, scores, layers="onehot", trace=True):
-    """R² of the scores from the layer (one indicator per layer, or the layer index as one number) and,
-    if `trace`, the trace effect."""
+def _numeric_layer_adds(effects, scores):
+    """What the trace adds to a fit on the layer's INDEX (one number, a straight line): the mistake
+    that the "layer only" table catches."""
     from engramlib.limits import r_squared
     n, L = scores.shape
-    if layers == "onehot":
-        X = torch.eye(L).repeat(n, 1)[:, 1:]
-    else:
-        X = torch.arange(L, dtype=torch.float32).repeat(n)[:, None]
-    if trace:
-        X = torch.cat([X, effects.flatten()[:, None]], dim=1)
-    return r_squared(X, scores.flatten())
+    layer = torch.arange(L, dtype=torch.float32).repeat(n)[:, None]
+    both = torch.cat([layer, effects.flatten()[:, None]], dim=1)
+    return r_squared(both, scores.flatten()) - r_squared(layer, scores.flatten())
 
 
 def _table():
