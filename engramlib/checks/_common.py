@@ -92,27 +92,38 @@ def predict(key: str, question: str, choices: dict | None = None, answer=None) -
 
 def reveal(key: str, measured, explanation: str, correct=None) -> None:
     """After the experiment: print the prediction (if any), what was measured, and the explanation.
-    correct: the right choice (multiple choice), a set of choices that are all right (a tie, or a
-    measurement on the boundary between two choices), or None when only the number matters."""
+    correct: the right choice (multiple choice), a set of them (ties: each tied choice counts), or
+    None when only the number matters."""
     guess = PREDICTIONS.get(key)
     said = "no prediction recorded" if guess is None else f"you predicted {guess!r}"
-    right = {correct} if isinstance(correct, str) else set(correct or ())
-    shown = " or ".join(repr(c) for c in sorted(right))
-    verdict = "" if not right or guess is None else (" ✓" if guess in right else f" (answer: {shown})")
+    right = set(correct) if isinstance(correct, (set, frozenset, list, tuple)) else {correct}
+    shown = " or ".join(repr(c) for c in sorted(right, key=str))
+    verdict = "" if correct is None or guess is None else \
+        " (the measurement cannot decide)" if not right else (" ✓" if guess in right else f" (answer: {shown})")
     print(f"Predict {key}: {said}{verdict}; measured: {measured}")
     print(explanation)
+
+
+def band_choices(value: float, bands: dict) -> set:
+    """The choices whose closed interval holds `value`: bands {"a": (low, high), ...}. A value on the
+    edge shared by two bands counts for both (a tie)."""
+    return {choice for choice, (low, high) in bands.items() if low <= value <= high}
 
 
 def choice_between(value: float, edges, letters, tol: float = 1e-9) -> set:
     """The choices of a binned prediction that `value` falls in: letters[0] below edges[0],
     letters[i] between edges[i-1] and edges[i], letters[-1] above the last edge. A value on an edge
-    (within tol) is a tie: both neighbouring choices count as right."""
+    (within tol) is a tie: both neighbouring choices count as right (`band_choices` with bands
+    widened by tol)."""
     if len(letters) != len(edges) + 1:
         raise ValueError(f"{len(edges)} edges need {len(edges) + 1} letters, got {len(letters)}")
-    out = set()
-    for i, edge in enumerate(edges):
-        if abs(value - edge) <= tol:
-            out |= {letters[i], letters[i + 1]}
-    if not out:
-        out.add(letters[sum(value > edge for edge in edges)])
-    return out
+    bounds = [float("-inf"), *edges, float("inf")]
+    return band_choices(value, {letter: (low - tol, high + tol)
+                                for letter, low, high in zip(letters, bounds, bounds[1:])})
+
+
+def decided_choices(value: float, n: int, bands: dict, full: float | None = None, min_n: int = 30) -> set:
+    """The right choices of a banded prediction: from the measured `value` when its sample (`n` items)
+    is large enough to decide, else from `full`, the full-size measurement the chapter quotes (when
+    there is one; a reveal should then print it next to the small sample's value)."""
+    return band_choices(value if n >= min_n or full is None else full, bands)
