@@ -219,10 +219,10 @@ FULL_SIZES = {
     "11": {"forget_subjects": 20, "steps": 100},
 }
 SCALABLE = {"05": ("kn_facts", "lens_facts"), "06": ("facts",), "08": ("records", "sequential"),
-            "09": ("records", "texts"), "10": ("layers", "sweep_facts", "edits", "neuron_facts", "c_texts"),
+            "09": ("records", "texts"), "10": ("layers", "sweep_facts", "edits", "neuron_facts"),
             "11": ("forget_subjects",)}
 MIN_SIZES = {"kn_facts": 8, "lens_facts": 40, "facts": 10, "records": 20, "sequential": 10, "texts": 32,
-             "layers": 4, "sweep_facts": 10, "c_texts": 250, "edits": 8, "neuron_facts": 5, "forget_subjects": 10}
+             "layers": 4, "sweep_facts": 10, "edits": 8, "neuron_facts": 5, "forget_subjects": 10}
 
 
 def rome_layer(name: str, s: Shape) -> int:
@@ -288,9 +288,13 @@ def chapter_work(chapter: str, name: str, s: Shape, z: dict) -> list:
                 knowledge_neurons_work(s, z["kn_facts"]),
                 forward_work(s, "silencing neurons", 10 * z["kn_facts"], 6, 10, full_logits=True)]
     if chapter == "06":
+        attribution = Work("attribution", 3 * s.forward(z["samples"] + 1, 9), passes=3, blocks=3 * L,
+                           device=s.activations(z["samples"] + 1, 9, L))     # 2 forwards + 1 backward
         return [forward_work(s, "known facts", 20, 64, PROMPT_T, full_logits=True),
                 trace_work(s, z["samples"], 10, 9, kinds=3, window=10),
-                trace_work(s, z["samples"], 9, 7, kinds=3, window=10).times(z["facts"], "average indirect effect")]
+                trace_work(s, z["samples"], 9, 7, kinds=3, window=10).times(z["facts"], "average indirect effect"),
+                (trace_work(s, z["samples"], 9, 7, kinds=3, window=1) + attribution)
+                .times(z["facts"], "attribution vs trace (window 1)")]
     if chapter == "07":
         return [generate_work(s, "context templates", 20, 7.5, T0=1), _c(s, name, layer, z["c_texts"]),
                 forward_work(s, "keys of other facts", z["other_facts"], 1, 10, layer + 1),
