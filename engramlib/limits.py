@@ -55,20 +55,25 @@ def trace_effects(mt: ModelAndTokenizer, facts, kind: str = "mlp", window: int =
 
 
 def edit_scores_by_layer(mt: ModelAndTokenizer, requests: list, layers, hparams=None,
-                         progress: bool = False) -> torch.Tensor:
+                         progress: bool = True) -> torch.Tensor:
     """ROME's rewrite score for every request edited at every layer (edit, measure, undo): [n, len(layers)].
-    hparams: the model's ROME settings (default `rome.get_hparams`), with `layer` replaced."""
+    hparams: the model's ROME settings (default `rome.get_hparams`), with `layer` replaced. One
+    progress bar counts the edits (C is computed first for a layer that has none cached)."""
     from tqdm.auto import tqdm
     hparams = hparams or rome.get_hparams(mt)
     out = torch.zeros(len(requests), len(layers))
+    bar = tqdm(total=len(requests) * len(layers), desc="ROME edits, layer by layer", disable=not progress)
     for j, layer in enumerate(layers):
         hp = replace(hparams, layer=layer)
+        bar.set_postfix(layer=layer)
         C_inv = rome.inverse_key_covariance(mt, layer, hp.mom2_n_samples, progress=progress)
         templates = rome.templates_for(mt, hp)
-        for i, request in enumerate(tqdm(requests, desc=f"ROME at layer {layer}", disable=not progress)):
+        for i, request in enumerate(requests):
             with rome.apply_rome_edit(mt, request, hp, C_inv=C_inv, templates=templates,
                                       require_improvement=False) as edit:
                 out[i, j] = rewrite_score(edit.prob_before, edit.prob_after)
+            bar.update()
+    bar.close()
     return out
 
 
