@@ -90,13 +90,30 @@ def predict(key: str, question: str, choices: dict | None = None, answer=None) -
     print(f"→ recorded: {PREDICTIONS[key]!r}. Now run the experiment.")
 
 
-def reveal(key: str, measured, explanation: str, correct=None) -> None:
+def reveal(key: str, measured, explanation: str, correct=None, full_size: tuple | None = None) -> None:
     """After the experiment: print the prediction (if any), what was measured, and the explanation.
-    correct: the right choice (multiple choice) or None when only the number matters."""
+    correct: the right choice (multiple choice), a set of choices that all count (a tie, or a
+    measurement on the boundary between two choices), or None when only the number matters.
+    full_size: for a small (FAST) run, (what the full-size run measured, its right choices): shown
+    next to this run's number, and its choices count too, so a small sample never marks wrong what
+    the full-size result says."""
     guess = PREDICTIONS.get(key)
     said = "no prediction recorded" if guess is None else f"you predicted {guess!r}"
-    verdict = "" if correct is None or guess is None else (" ✓" if guess == correct else f" (answer: {correct!r})")
+    right = set() if correct is None else {correct} if isinstance(correct, str) else set(correct)
+    if full_size and right:
+        right |= {full_size[1]} if isinstance(full_size[1], str) else set(full_size[1])
+    verdict = "" if not right or guess is None else (
+        " ✓" if guess in right else f" (answer: {' or '.join(repr(c) for c in sorted(right))})")
     print(f"Predict {key}: {said}{verdict}; measured: {measured}")
+    if full_size:
+        print(f"  (a small run; at full size: {full_size[0]})")
     print(explanation)
+
+
+def bands(value: float, edges, tol: float = 1e-9) -> set:
+    """Which of the bands (−∞, e₀), [e₀, e₁), …, [e_last, ∞) `value` lies in, as band indices; a value
+    within `tol` of an edge lies in both bands next to it (a tie with the boundary)."""
+    edges = sorted(edges)
+    return {sum(v >= e for e in edges) for v in (value - tol, value, value + tol)}
 
 
