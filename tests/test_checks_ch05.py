@@ -174,9 +174,12 @@ def test_chapter_05_reveals_count_ties_and_boundaries():
     assert checks.zeroing_answer(0.8, [0.79, 0.8, 0.78, 0.8, 0.8, 0.8]) == {"d"}
     assert checks.zeroing_answer(0.8, [0.8, 0.8, 0.8, 0.8, 0.8, 0.75]) == {"c", "d"}         # drop = 0.05
     # 5.2: a block at exactly one half counts for both readings of "more than half"
-    assert checks.lens_answer([0.0, 0.2, 0.6, 0.7, 0.9, 1.0]) == {"c"}
+    assert checks.lens_answer([0.0, 0.2, 0.4, 0.7, 0.9, 1.0]) == {"c"} and checks.lens_answer([0.0, 0.6, 1.0, 1.0]) == {"b"}
     assert checks.lens_answer([0.0, 0.5, 0.5, 0.7, 0.9, 1.0]) == {"b", "c"}
     assert checks.lens_answer([0.8, 0.9, 1.0]) == {"a"} and checks.lens_answer([0.1, 0.2, 1.0]) == {"d"}
     # 5.3: a value on a boundary belongs to both choices
     assert checks.silencing_answer(0.8, 0.05) == {"a"} and checks.silencing_answer(0.8, 0.7) == {"c"}
     assert checks.silencing_answer(0.8, 0.6) == {"b", "c"} and checks.silencing_answer(0.8, 0.1) == {"a", "b"}
+    # the full-size measurements a small run shows: a text and the choices they make right
+    for key, (text, answers) in checks.FULL_SIZE_05.items():
+        assert text and answers and answers <= {"a", "b", "c", "d"}, key

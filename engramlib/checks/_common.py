@@ -99,9 +99,8 @@ def reveal(key: str, measured, explanation: str, correct=None, full_size: tuple 
     the full-size result says."""
     guess = PREDICTIONS.get(key)
     said = "no prediction recorded" if guess is None else f"you predicted {guess!r}"
-    right = set() if correct is None else {correct} if isinstance(correct, str) else set(correct)
-    if full_size and right:
-        right |= {full_size[1]} if isinstance(full_size[1], str) else set(full_size[1])
+    as_set = lambda c: set() if c is None else {c} if isinstance(c, str) else set(c)
+    right = as_set(correct) | (as_set(full_size[1]) if full_size and correct is not None else set())
     verdict = "" if not right or guess is None else (
         " ✓" if guess in right else f" (answer: {' or '.join(repr(c) for c in sorted(right))})")
     print(f"Predict {key}: {said}{verdict}; measured: {measured}")

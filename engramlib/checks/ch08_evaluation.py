@@ -188,14 +188,6 @@ def combined_score(fn):
 
 # --- the answers of the chapter's predictions: a tie or a boundary value counts for every side -------
 
-# What the chapter measures on TinyWorld at full size (ENGRAM_FAST unset, CPU), shown next to a small
-# run's numbers by the reveals: `ENGRAM_MODEL=tinyworld jupyter nbconvert --execute
-# solutions/08_evaluating_edits.ipynb`.
-FULL_SIZE_08 = {
-    "8.1": "TODO",
-    "8.2": "TODO",
-}
-
 METHOD_CHOICES = {"ROME": "a", "naive (C = I)": "b", "FT (one layer)": "c"}
 
 
@@ -211,3 +203,13 @@ def kept_answer(kept: float) -> set:
     """Predict 8.2's right choices from the fraction of unrelated facts kept: 'a' 95 % or more,
     'b' 80-95 %, 'c' 50-80 %, 'd' below 50 % (a value on a boundary counts for both sides)."""
     return {"dcba"[i] for i in bands(float(kept), [0.5, 0.8, 0.95])}
+
+
+# What the chapter measures on TinyWorld at full size (ENGRAM_FAST unset, CPU), shown next to a small
+# run's numbers by the reveals, whose right choices count too: (measurement, right choices). 8.2 was
+# measured with the notebook's code at 6 and 40 edits (6: 99.3 % kept, all 6 edits hold). 8.1 needs
+# none: at the FAST size ROME's NS already leads both other edits by 20 points or more on TinyWorld
+# (the chapter's asserts).
+FULL_SIZE_08 = {
+    "8.2": ("40 edits: 86.0 % of 150 unrelated facts kept, 97.5 % of the edits hold", kept_answer(0.86)),
+}
