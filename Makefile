@@ -19,7 +19,7 @@ PY := $(if $(VENV),$(VENV)/bin/python,$(PYTHON))
 STAMP := $(if $(VENV),$(VENV)/,)
 TORCH_FROM := $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)",)
 
-.PHONY: setup setup-test setup-lab lab test test-browser test-standin chapters clean
+.PHONY: setup setup-test setup-lab lab test test-browser test-standin test-plans chapters clean
 
 setup: setup-test setup-lab
 setup-test: $(STAMP).engram-test
@@ -59,6 +59,12 @@ test-standin: setup-test
 	rm -rf .standin && $(PY) tools/standin.py .standin
 	ENGRAM_MODEL=$(CURDIR)/.standin/model ENGRAM_CACHE=$(CURDIR)/.standin/cache ENGRAM_FAST=1 HF_HUB_OFFLINE=1 \
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest solutions -n auto --dist loadscope $(PYTEST_ARGS)
+
+# the memory and time plans (engramlib.budget) against measurements: heavy steps at their real sizes
+# on a random GPT-2-small-shaped model on this CPU, its speed measured in the same run; fails when
+# a step's time or memory is off its plan by more than 30 % (run it alone: nothing else on the cores)
+test-plans: setup-test
+	OMP_NUM_THREADS=1 $(PY) benchmarks/plan_vs_measured.py --tolerance 0.3
 
 chapters: setup-test
 	$(PY) tools/build_chapters.py

@@ -8,11 +8,24 @@
    runs with 2 context templates and C from 20,000 keys (the chapter's sweep settings) unless
    --reference (the registered TinyWorld settings: 20 templates, 100,000 keys; about 7x slower).
 2. Ripples: how many checks the table supports per relation and kind, how many the model passes before
-   editing, and after one ROME edit each (--edits records with at least one known check).
-3. Honest metrics on the same edits: probability comparison vs greedy exact match, on the rewrite
-   prompt, after a distracting prefix, under negation, before and after.
+   editing, and after one ROME edit each (--edits records with at least one known check, chosen as the
+   chapter chooses them at full size: `limits.choose_edits`).
+3. Honest metrics on the same edits (`limits.honest_metrics`): probability comparison, teacher-forced
+   token accuracy, and the answer generated to a stop, on the rewrite prompt, after a distracting
+   prefix, under negation, before and after; the negation baseline (`limits.negation_gap`).
 4. Knowledge neurons: silencing / boosting the 10 most attributed neurons of 50 known facts.
-One thread (--threads), CPU.
+One thread (--threads), CPU (--device cuda for a GPU).
+
+Measured 2026-12-04, --parts ripples (2 shared CPU cores, one thread; 40 edits as the chapter chooses them):
+  after one ROME edit each: implied consequences updated 1 / 21; other facts of the subject kept 17 / 32
+  % of edits        p(new) > p(true) | teacher-forced token acc. of new | answer = new | answer = true
+    plain   before     0.0 |   7.5 |   0.0 | 100.0   (n=40)
+    plain   after     97.5 |  95.0 |  92.5 |   2.5
+    context before     0.0 |  12.0 |   0.0 | 100.0   (n=25)
+    context after    100.0 | 100.0 | 100.0 |   0.0
+    negated before     2.5 |   6.2 |   0.0 |  62.5   (n=40)
+    negated after     95.0 |  80.0 |  80.0 |   2.5
+  negation ignored: unedited model, true object 62.5 % (n=40); edited model, new object 83.8 % (n=37): +21.3 points
 """
 import argparse
 import sys
@@ -65,9 +78,7 @@ def ripples_and_honest(mt, args):
     print("\n2. ripple checks the table supports (relation, kind: checks / known before editing)")
     for key, n in sorted(supported.items()):
         print(f"   {key[0]:<6}{key[1]:<10}{n:>5} / {known_before[key]}")
-    implied = [rc for rc in candidates if any(c.kind == "implied" for c in rc[1])]
-    rest = [rc for rc in candidates if rc not in implied]
-    chosen = implied + rest[::max(1, len(rest) // max(1, args.edits - len(implied)))][:max(0, args.edits - len(implied))]
+    chosen = limits.choose_edits(candidates, args.edits)            # the chapter's choice at full size
     C_inv = rome.inverse_key_covariance(mt, hp.layer, hp.mom2_n_samples)
     templates = rome.templates_for(mt, hp)
     after_checks, before_h, after_h = Counter(), [], []
@@ -82,13 +93,18 @@ def ripples_and_honest(mt, args):
     print(f"   after one ROME edit each ({len(chosen)} records): implied consequences updated "
           f"{after_checks['implied', 'right']} / {after_checks['implied', 'n']}; other facts of the subject kept "
           f"{after_checks['unchanged', 'right']} / {after_checks['unchanged', 'n']}")
-    print("\n3. honest metrics (% of edits): p(new) > p(true) | generates the new object")
+    print("\n3. honest metrics (% of edits): p(new) > p(true) | teacher-forced token accuracy of new | "
+          "generated answer = new | generated answer = true")
     for kind in ("plain", "context", "negated"):
         for when, rows in (("before", before_h), ("after", after_h)):
             rows = [r[kind] for r in rows if kind in r]
-            p = 100 * sum(r["prob"] for r in rows) / max(1, len(rows))
-            g = 100 * sum(r["gen"] for r in rows) / max(1, len(rows))
-            print(f"   {kind:<8}{when:<7}{p:>6.1f} | {g:>5.1f}   (n={len(rows)})")
+            mean = lambda key: 100 * sum(r[key] for r in rows) / max(1, len(rows))
+            print(f"   {kind:<8}{when:<7}{mean('prob'):>6.1f} | {mean('tf_acc'):>5.1f} | {mean('gen'):>5.1f} | "
+                  f"{mean('gen_true'):>5.1f}   (n={len(rows)})")
+    gap = limits.negation_gap(before_h, after_h)
+    print(f"   negation ignored: unedited model, true object {100 * gap['baseline']:.1f} % (n={gap['n_baseline']}); "
+          f"edited model, new object {100 * gap['edited']:.1f} % (n={gap['n_edited']}); "
+          f"difference {100 * gap['difference']:+.1f} points")
 
 
 def neurons(mt, args):
@@ -107,13 +123,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--facts", type=int, default=100)
     parser.add_argument("--layers", type=int, nargs="+", default=list(range(8)))
-    parser.add_argument("--edits", type=int, default=100)
+    parser.add_argument("--edits", type=int, default=40)
     parser.add_argument("--reference", action="store_true", help="ROME's registered settings in the sweep")
     parser.add_argument("--parts", nargs="+", default=["localization", "ripples", "neurons"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu (the quoted numbers) or cuda")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    mt = load_model("tinyworld", device="cpu")
+    mt = load_model("tinyworld", device=args.device)
     for part in args.parts:
         {"localization": localization, "ripples": ripples_and_honest, "neurons": neurons}[part](mt, args)
 

@@ -198,9 +198,10 @@ def main(argv=None):
     parser.add_argument("--plot", default=None, help="sequential: save the dashboard figure here")
     parser.add_argument("--save", default=None, help="sequential: save the dashboards (JSON) here")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu (the quoted numbers) or cuda")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    mt = load_model("tinyworld", device="cpu")
+    mt = load_model("tinyworld", device=args.device)
     records = spread_records(args.n)
     {"batch": batch, "sequential": sequential, "sweep": sweep, "alphaedit-sweep": alphaedit_sweep}[args.part](
         mt, records, args)

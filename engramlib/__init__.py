@@ -8,7 +8,7 @@ once and in sequence), `evaluate`, `graft`, `plots`,
 """
 __version__ = "0.1.0"
 
-from engramlib.settings import Settings, setup  # noqa: E402
+from engramlib.settings import Settings, cache_on_drive, setup  # noqa: E402
 
 
 def load_model(name=None, device=None):
@@ -17,4 +17,4 @@ def load_model(name=None, device=None):
     return _load_model(name, device=device)
 
 
-__all__ = ["__version__", "Settings", "setup", "load_model"]
+__all__ = ["__version__", "Settings", "setup", "cache_on_drive", "load_model"]

@@ -1,7 +1,7 @@
 """The `engram` command.
 
     engram --version
-    engram info                                         versions, device, offline models
+    engram info                                         versions, device, offline models, cached C
     engram trace "PROMPT" --subject S [--model M] [--out trace.png] [--samples N] [--window W]
     engram edit "{} PROMPT" --subject S --target T [--model M] [--save DIR]
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 def offline_models() -> dict:
     """{model name: True/False}: can it be loaded without internet right now?"""
-    from engramlib.models import HUB_MODELS
+    from engramlib.models import HUB_MODELS, hub_cache_dir
     from engramlib.tinyworld import WEIGHTS_DIR
     available = {"tinyworld": (WEIGHTS_DIR / "model.safetensors").exists()}
     try:
@@ -29,7 +29,7 @@ def offline_models() -> dict:
         hit = None
         if try_to_load_from_cache is not None:
             for filename in ("model.safetensors", "pytorch_model.bin"):
-                hit = hit or try_to_load_from_cache(f"openai-community/{name}", filename)
+                hit = hit or try_to_load_from_cache(f"openai-community/{name}", filename, cache_dir=hub_cache_dir())
         available[name] = isinstance(hit, str)
     return available
 
@@ -48,7 +48,24 @@ def cmd_info(args) -> int:
     print(f"default model {default_model_name()}  (set ENGRAM_MODEL to change)")
     for name, ok in offline_models().items():
         print(f"  {name:<12} {'available offline' if ok else 'needs a download'}")
+    print_statistics()
     return 0
+
+
+def print_statistics() -> None:
+    """Which key covariances C are at hand (`rome.cached_statistics`): the reference's published
+    statistics (downloaded on first use), C computed here, TinyWorld's shipped ones."""
+    from engramlib.download import cache_dir
+    from engramlib.rome import cached_statistics
+    print(f"statistics C (cache: {cache_dir() / 'stats'})")
+    for row in cached_statistics():
+        where = f"layer {row['layer']:<3}"
+        if row["kind"] == "published":
+            state = (f"the reference's, cached ({row['path'].stat().st_size / 2**20:.0f} MiB)"
+                     if row["cached"] else "the reference's, downloaded on first use")
+        else:
+            state = f"{row['kind']}: {row['path'].name}"
+        print(f"  {row['model']:<12} {where} {state}")
 
 
 def _check_writable(path: str) -> None:
@@ -146,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engram", description="In Search of the Engram: tools.")
     parser.add_argument("--version", action="version", version=f"engramlib {engramlib.__version__}")
     sub = parser.add_subparsers(dest="command")
-    sub.add_parser("info", help="versions, device, models available offline").set_defaults(func=cmd_info)
+    sub.add_parser("info", help="versions, device, models available offline, cached statistics C").set_defaults(func=cmd_info)
     tr = sub.add_parser("trace", help="causal trace of one prompt (Meng et al. 2022)")
     tr.add_argument("prompt", help='the prompt, e.g. "The Space Needle is located in the city of"')
     tr.add_argument("--subject", required=True, help="the subject inside the prompt")

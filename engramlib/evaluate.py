@@ -86,17 +86,23 @@ def summarize(rows: list) -> dict:
 
 
 def evaluate_edits(mt: ModelAndTokenizer, records: list, editor, generations: bool = True,
-                   max_new_tokens: int = 30, progress: bool = True) -> dict:
+                   max_new_tokens: int = 30, progress: bool = True, pre_rows: list | None = None) -> dict:
     """Apply, measure and undo an edit for every record.
 
     editor(mt, requested_rewrite) -> an object with `.undo()` (e.g. `rome.apply_rome_edit`).
-    Returns {"pre": summary before editing, "post": summary after, "rows": per-record dicts,
-    "failed": [(case_id, error message)]} (an editor that raises counts as a failed edit)."""
-    pre_rows, post_rows, failed = [], [], []
-    for record in tqdm(records, desc="evaluating edits", disable=not progress):
-        pre = record_metrics(mt, record)
+    pre_rows: the unedited model's rows for the same records (an earlier result's "pre_rows"):
+    comparing several editors, the unedited metrics and text are then computed once, not per editor.
+    Returns {"pre": summary before editing, "post": summary after, "rows": per-record dicts after,
+    "pre_rows": per-record dicts before, "failed": [(case_id, error message)]} (an editor that
+    raises counts as a failed edit)."""
+    if pre_rows is not None and len(pre_rows) != len(records):
+        raise ValueError(f"pre_rows has {len(pre_rows)} rows for {len(records)} records: pass the "
+                         "'pre_rows' of an earlier evaluate_edits on the same records")
+    before, post_rows, failed = [], [], []
+    for i, record in enumerate(tqdm(records, desc="evaluating edits", disable=not progress)):
         prompts = record.get("generation_prompts", [])[:2] if generations else []
-        if prompts:
+        pre = dict(pre_rows[i]) if pre_rows is not None else record_metrics(mt, record)
+        if prompts and "fluency" not in pre:
             pre["fluency"] = ngram_entropy([generate(mt, p, max_new_tokens, do_sample=True) for p in prompts])
         try:
             edit = editor(mt, record["requested_rewrite"])
@@ -104,7 +110,7 @@ def evaluate_edits(mt: ModelAndTokenizer, records: list, editor, generations: bo
             failed.append((record["case_id"], str(err)))
             post = {k: (0.0 if k in ("rewrite", "paraphrase") else v) for k, v in pre.items()}
             post_rows.append({**post, "case_id": record["case_id"]})
-            pre_rows.append(pre)
+            before.append(pre)
             continue
         try:
             post = record_metrics(mt, record)
@@ -112,7 +118,7 @@ def evaluate_edits(mt: ModelAndTokenizer, records: list, editor, generations: bo
                 post["fluency"] = ngram_entropy([generate(mt, p, max_new_tokens, do_sample=True) for p in prompts])
         finally:
             edit.undo()
-        pre_rows.append(pre)
+        before.append(pre)
         post_rows.append({**post, "case_id": record["case_id"]})
-    return {"pre": summarize(pre_rows), "post": summarize(post_rows), "rows": post_rows,
-            "failed": failed}
+    return {"pre": summarize(before), "post": summarize(post_rows), "rows": post_rows,
+            "pre_rows": before, "failed": failed}

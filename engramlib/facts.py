@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import random
-import urllib.request
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -206,34 +205,112 @@ def counterfact_records(facts=None, n_neighbors: int = 5, seed: int = 0) -> list
 
 COUNTERFACT_URL = "https://rome.baulab.info/data/dsets/counterfact.json"
 KNOWN_FACTS_URL = "https://rome.baulab.info/data/dsets/known_1000.json"
+# Second sources. known_1000.json was committed to the reference repository before it moved to the
+# data host (kmeng01/rome, initial commit, counterfact/compiled/known_1000.json: 1,209 facts).
+KNOWN_FACTS_GITHUB = ("https://raw.githubusercontent.com/kmeng01/rome/"
+                      "448f8fe556cf267e0b71d02a9f3b4dec9858ec58/counterfact/compiled/known_1000.json")
+# CounterFact on the Hugging Face Hub: the same fields as counterfact.json, split into train (19,728)
+# and test (2,191) parquet files; `counterfact_from_hub` puts the 21,919 records back in case order.
+COUNTERFACT_HUB = "azhx/counterfact"
+COUNTERFACT_SIZE = 21919
+OFFLINE_HINT = ("Use engramlib.facts.counterfact_records() (TinyWorld's facts) instead, or copy the "
+                "file into $ENGRAM_CACHE (default ~/.cache/engramlib) on a machine with internet, "
+                "or pass the path of a local copy.")
+REQUIRED_FIELDS = {"counterfact.json": {"case_id", "requested_rewrite", "paraphrase_prompts",
+                                        "neighborhood_prompts"},
+                   "known_1000.json": {"subject", "attribute", "prompt"}}
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("ENGRAM_CACHE", Path.home() / ".cache" / "engramlib"))
+    from engramlib.download import cache_dir
+    return cache_dir()
 
 
-def _read_json(path_or_url: str) -> list:
-    """Read a JSON list from a local path or an URL (downloaded once into the engramlib cache)."""
+def check_records(records, name: str) -> list:
+    """Raise ValueError unless `records` is a non-empty list of dicts with the fields the official
+    file `name` ("counterfact.json" or "known_1000.json") has; returns `records`."""
+    fields = REQUIRED_FIELDS.get(name, set())
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"{name}: expected a non-empty JSON list of records")
+    for i, r in enumerate(records):
+        if not isinstance(r, dict) or not fields <= set(r):
+            raise ValueError(f"{name}: record {i} lacks {sorted(fields - set(r or {}))}; "
+                             "not the official format")
+    return records
+
+
+def _check_json_file(path: Path, name: str) -> None:
+    try:
+        records = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{name}: not valid JSON ({err}); truncated?") from err
+    check_records(records, name)
+
+
+def counterfact_from_hub(rows) -> list:
+    """CounterFact records from the rows of the Hub copy (`COUNTERFACT_HUB`, both splits, any order):
+    plain dicts with counterfact.json's fields, sorted by case_id. Raises ValueError if a field is
+    missing or a case_id repeats."""
+    records = [{k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, tuple) else v)
+                for k, v in dict(row).items()} for row in rows]
+    check_records(records, "counterfact.json")
+    records.sort(key=lambda r: r["case_id"])
+    ids = [r["case_id"] for r in records]
+    if len(set(ids)) != len(ids):
+        raise ValueError("CounterFact from the Hub: a case_id appears twice (both splits loaded twice?)")
+    return records
+
+
+def _counterfact_via_hub(target: Path) -> None:
+    """Write counterfact.json from the Hub copy (needs `datasets`), atomically."""
+    try:
+        from datasets import load_dataset
+        splits = load_dataset(COUNTERFACT_HUB)
+    except Exception as err:      # ImportError, or no network
+        raise RuntimeError(f"the Hub copy {COUNTERFACT_HUB} failed too ({type(err).__name__}: {err})") from err
+    records = counterfact_from_hub(row for split in splits.values() for row in split)
+    if len(records) != COUNTERFACT_SIZE:
+        raise RuntimeError(f"the Hub copy {COUNTERFACT_HUB} has {len(records)} records, not {COUNTERFACT_SIZE}")
+    partial = target.with_name(f".{target.name}.{os.getpid()}.part")
+    partial.write_text(json.dumps(records), encoding="utf-8")
+    os.replace(partial, target)
+
+
+def _sources(url: str) -> list:
+    """Where a file can come from: $ENGRAM_MIRROR, then the official host (and a second copy)."""
+    from engramlib.download import mirrored
+    if url == COUNTERFACT_URL:
+        return mirrored("data/dsets/counterfact.json", [COUNTERFACT_URL])
+    if url == KNOWN_FACTS_URL:
+        return mirrored("data/dsets/known_1000.json", [KNOWN_FACTS_URL, KNOWN_FACTS_GITHUB])
+    return [url]
+
+
+def _read_json(path_or_url: str, progress: bool = True) -> list:
+    """Read a JSON list from a local path or an URL (downloaded once into the engramlib cache, with
+    timeout, retries, a progress bar and an atomic write: `engramlib.download`)."""
+    from engramlib.download import DownloadError, download
     if not str(path_or_url).startswith(("http://", "https://")):
         return json.loads(Path(path_or_url).read_text(encoding="utf-8"))
-    target = _cache_dir() / Path(path_or_url).name
+    name = Path(path_or_url).name
+    target = _cache_dir() / name
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.{os.getpid()}.part")
         try:
-            urllib.request.urlretrieve(path_or_url, partial)
-            os.replace(partial, target)          # atomic: an interrupted download leaves no file
-        except OSError as err:
-            partial.unlink(missing_ok=True)
-            raise RuntimeError(
-                f"could not download {path_or_url} ({err}). Offline? Use "
-                "engramlib.facts.counterfact_records() (TinyWorld's facts) instead, or pass a "
-                "local copy of the file.") from err
+            download(_sources(path_or_url), target, check=lambda p: _check_json_file(p, name),
+                     progress=progress, what=name, offline_hint=OFFLINE_HINT)
+        except DownloadError as err:
+            if path_or_url != COUNTERFACT_URL:
+                raise
+            try:
+                _counterfact_via_hub(target)
+            except RuntimeError as hub_err:
+                raise DownloadError(f"{err} ({hub_err})") from err
     return json.loads(target.read_text(encoding="utf-8"))
 
 
 def load_counterfact(path_or_url: str = COUNTERFACT_URL) -> list:
-    """The real CounterFact records (Meng et al. 2022): same fields as `counterfact_records()`."""
+    """The real CounterFact records (Meng et al. 2022): same fields as `counterfact_records()`.
+    Downloaded once from the reference's host, else from its Hub copy (`COUNTERFACT_HUB`)."""
     return _read_json(path_or_url)
 
 

@@ -21,6 +21,9 @@ block computations.
 Step 2 needs a GPT-2 block that takes a past of cached keys/values: `_attention` and `_block`
 re-implement Hugging Face's `GPT2Block` for that (no dropout; eval mode). `tests/test_tracing.py`
 compares `trace` with `trace_loop` on TinyWorld and on a random model with GPT-2's real shapes.
+
+`attribution_states` is the forward pass of attribution patching (`tracing.attribution_trace_kinds`)
+on the same blocks; the tests compare it with the hooks on the Hugging Face model.
 """
 from __future__ import annotations
 
@@ -28,8 +31,8 @@ import torch
 from tqdm.auto import tqdm
 
 from engramlib.models import ModelAndTokenizer
-from engramlib.tracing import (TraceInputs, TraceResult, _check_args, _corrupt, _prepare, _result,
-                               _window)
+from engramlib.trace_inputs import (TraceInputs, TraceResult, _check_args, _corrupt, _prepare, _result,
+                                    _window, _with_answer)
 
 
 def _attention(attn, x, past_k, past_v, layer: int, last_only: bool = False):
@@ -82,10 +85,15 @@ def _block(block, x, past_k, past_v, layer: int, kind=None, rows=None, clean=Non
     return h + mlp_out, attn_out, mlp_out, k, v
 
 
-def _check_gpt2(mt):
+def _is_gpt2(mt) -> bool:
+    """Whether `_block` computes this model's blocks (GPT-2 with gelu_new MLPs)."""
     cfg = mt.model.config
-    if (cfg.model_type != "gpt2" or getattr(cfg, "reorder_and_upcast_attn", False)
-            or cfg.activation_function not in ("gelu_new", "gelu_pytorch_tanh")):
+    return (cfg.model_type == "gpt2" and not getattr(cfg, "reorder_and_upcast_attn", False)
+            and cfg.activation_function in ("gelu_new", "gelu_pytorch_tanh"))
+
+
+def _check_gpt2(mt):
+    if not _is_gpt2(mt):
         raise ValueError("the fast trace implements GPT-2 blocks (gelu_new MLPs); use trace_loop "
                          "for other models")
 
@@ -212,3 +220,49 @@ def trace(mt: ModelAndTokenizer, prompt: str, subject: str, kind: str | None = N
             for key, p in zip(chunk, probs):
                 scores[t, restorations[key]] = p
     return _result(mt, inputs, scores, low, kind, window, prompt)
+
+
+# --- attribution patching's forward pass --------------------------------------------------------
+
+def attribution_states(mt, inputs: TraceInputs, answer) -> tuple:
+    """The forward pass of attribution patching (`tracing.attribution_trace_kinds`) for GPT-2,
+    with the work a gradient cannot use left out:
+
+    - the clean row runs alone, without autograd (nothing is differentiated on it), and gives the
+      answer (None: its top token) and every clean state;
+    - the positions before the subject are the same in every row: the corrupted rows take the
+      clean row's keys/values there as a shared past and compute positions start..T-1 only;
+    - the top layer computes the last position only (the others cannot reach p(answer)).
+
+    Returns (inputs with the answer, p(answer) of the corrupted rows [S] (in the autograd graph),
+    states): states[kind][l] = (clean [T_l, d], corrupted [S, T_l, d] in the graph, first position
+    t0) for kind None (block output), "mlp", "attn": positions t0..t0 + T_l - 1 of layer l."""
+    tr, L = mt.model.transformer, mt.n_layers
+    ids, start = inputs.ids, inputs.start
+    T = ids.shape[1]
+    x = tr.wte(ids) + tr.wpe(torch.arange(T, device=ids.device))
+    empty = x.new_zeros(1, tr.h[0].attn.num_heads, 0, tr.h[0].attn.head_dim)
+    clean = {"output": [], "attn": [], "mlp": [], "k": [], "v": []}
+    with torch.no_grad():
+        h = x
+        for layer, block in enumerate(tr.h):
+            h, attn_out, mlp_out, k, v = _block(block, h, empty, empty, layer)
+            for name, value in zip(clean, (h, attn_out, mlp_out, k, v)):
+                clean[name].append(value)
+        inputs = _with_answer(mt, inputs, mt.model.lm_head(tr.ln_f(h[0, -1])), answer)
+    S = inputs.noise_draws.shape[0]
+    with torch.enable_grad():
+        h = _corrupt(tr.wte(ids).expand(S + 1, -1, -1), inputs)[1:, start:]
+        h = (h + tr.wpe(torch.arange(start, T, device=ids.device))).requires_grad_()
+        states = {None: [], "mlp": [], "attn": []}
+        for layer, block in enumerate(tr.h):
+            top = layer == L - 1
+            past_k, past_v = clean["k"][layer][:, :, :start], clean["v"][layer][:, :, :start]
+            h, attn_out, mlp_out, _, _ = _block(block, h, past_k, past_v, layer, last_only=top)
+            t0 = T - 1 if top else start
+            for kind, name, value in ((None, "output", h), ("mlp", "mlp", mlp_out), ("attn", "attn", attn_out)):
+                states[kind].append((clean[name][layer][0, t0:], value, t0))
+        logits = mt.model.lm_head(tr.ln_f(h[:, -1]))
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        probs = torch.softmax(logits, -1)[:, inputs.answer_id]
+    return inputs, probs, states

@@ -337,19 +337,24 @@ def location_vs_amount(mt: ModelAndTokenizer, state: dict, regions: dict, score,
     """Lesion each contiguous region of `state` ({name: (layers, part)}, see `contiguous_regions`),
     and a scattered random region of the same number of weights, and score both:
     {name: {"size", "contiguous", "scattered"}}. score(state) -> float (fact recall, task
-    accuracy, ...). Regions of equal size share one scattered control; masks are built one at a
-    time (each is a full-size copy of the block weights)."""
-    scattered = {}
-    out = {}
+    accuracy, ...), or {label: score function} to score every lesion with each (a measurement and
+    its control on the same lesions): then {label: {name: {...}}}. Regions of equal size share one
+    scattered control; masks are built one at a time (each is a full-size copy of the block weights)."""
+    scores = score if isinstance(score, dict) else {None: score}
+    scattered, out = {}, {label: {} for label in scores}
     for name, (layers, part) in regions.items():
         mask = block_region(mt, state, layers, part)
         k = mask_size(mask)
-        contiguous = score(lesion(state, mask, to=to, pre=pre))
+        lesioned = lesion(state, mask, to=to, pre=pre)
         del mask
+        contiguous = {label: fn(lesioned) for label, fn in scores.items()}
+        del lesioned
         if k not in scattered:
-            scattered[k] = score(lesion(state, random_mask(state, k, seed=seed), to=to, pre=pre))
-        out[name] = {"size": k, "contiguous": contiguous, "scattered": scattered[k]}
-    return out
+            control = lesion(state, random_mask(state, k, seed=seed), to=to, pre=pre)
+            scattered[k] = {label: fn(control) for label, fn in scores.items()}
+        for label in scores:
+            out[label][name] = {"size": k, "contiguous": contiguous[label], "scattered": scattered[k][label]}
+    return out if isinstance(score, dict) else out[None]
 
 
 def lottery_ticket(ft: dict, mask: dict) -> dict:

@@ -5,24 +5,28 @@ of chapters 06-09, each a small function over what the library already has.
    (`trace_effects`) against ROME's rewrite score at each layer (`edit_scores_by_layer`), and how
    much of the edit's success the trace explains beyond the layer alone (`localization_vs_editing`).
 2. Ripples (Cohen et al. 2024): from the fact table, the questions an edit (s, r, o → o*) should
-   change (`implied` two-hop facts: the edited city's country, the edited country's continent) and
-   those it must leave alone (`unchanged`: the subject's other relations) (`ripple_checks`).
-3. Honest metrics ("The Mirage of Model Editing", Yang et al. 2025; Hoelscher-Obermaier et al.
-   2023): CounterFact's probability comparison against the greedy generation of the whole target
-   (`greedy_exact_match`), after a distracting prefix and under negation (`honest_metrics`).
+   change (`implied` two-hop facts: the edited city's country, the edited country's continent;
+   RippleEdits' "Compositionality I") and those it must leave alone (`unchanged`: the subject's other
+   relations; RippleEdits' "Relation Specificity") (`ripple_checks`).
+3. Honest metrics ("The Mirage of Model Editing", Yang et al. 2025): CounterFact's probability
+   comparison and the teacher-forced token accuracy (`teacher_forced_accuracy`) against the answer
+   the model generates on its own, to a stop (`generate_answer`), on the rewrite prompt, after a
+   distracting prefix and under negation (`honest_metrics`), with the unedited model's own rate of
+   ignoring the negation as the baseline (`negation_gap`; Kassner & Schütze 2020).
 4. Knowledge neurons revisited (Niu et al. 2024): do the attributed neurons flip the answer when
    silenced or boosted, and what else moves (`neuron_intervention`).
 """
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, replace
 
 import torch
 
 from engramlib import lens, rome
 from engramlib.facts import Fact, load_facts
-from engramlib.models import ModelAndTokenizer, accuracy, answer_ids, target_nll
+from engramlib.models import ModelAndTokenizer, accuracy, answer_ids, encode_with_targets, target_nll
 
 # --- 1. localization vs editing ---------------------------------------------------------------------
 
@@ -129,7 +133,8 @@ def fact_index(facts=None) -> dict:
 def ripple_checks(request: dict, facts=None) -> list:
     """The `RippleCheck`s an edit request (a CounterFact `requested_rewrite`) implies, from a fact
     table (default the course's): "implied" two-hop facts (`TWO_HOP`) whose answer differs between
-    the old and the new object, and "unchanged" facts: the subject's other relations."""
+    the old and the new object (RippleEdits' "Compositionality I", Cohen et al. 2024), and
+    "unchanged" facts: the subject's other relations (their "Relation Specificity")."""
     index = fact_index(facts)
     s, r = request["subject"], request["relation_id"]
     old, new = request["target_true"]["str"], request["target_new"]["str"]
@@ -147,6 +152,13 @@ def ripple_checks(request: dict, facts=None) -> list:
     return checks
 
 
+def choose_edits(candidates: list, n: int) -> list:
+    """n of the (record, checks the model passes before editing) candidates to edit: half of them those
+    with the most "implied" checks (rare on a small model), the rest spread evenly over all candidates."""
+    implied_first = sorted(candidates, key=lambda rc: -sum(c.kind == "implied" for c in rc[1]))
+    return implied_first[:max(1, n // 2)] + candidates[::max(1, len(candidates) // n)][:n - n // 2]
+
+
 @torch.no_grad()
 def check_answers(mt: ModelAndTokenizer, checks: list, after: bool) -> list:
     """For each check, does the model's top-1 next token start the right answer (`after` or
@@ -162,8 +174,10 @@ def check_answers(mt: ModelAndTokenizer, checks: list, after: bool) -> list:
 
 @torch.no_grad()
 def greedy_exact_match(mt: ModelAndTokenizer, prompt: str, target: str) -> bool:
-    """Does greedy decoding after `prompt` produce exactly the tokens of ' ' + target? No teacher
-    forcing: each generated token is fed back, as in real use."""
+    """Does greedy decoding after `prompt`, for exactly as many tokens as ' ' + target has, produce
+    the target's tokens? This is the same test as "the target's every token is the argmax under
+    teacher forcing" (`teacher_forced_accuracy` == 1): a mismatch stops it, and until one the fed-back
+    tokens are the target's. It still leaks the target's length (it stops where the target ends)."""
     want = answer_ids(mt, target)
     ids = mt.tokenizer(prompt, return_tensors="pt")["input_ids"].to(mt.device)
     for token in want:
@@ -174,22 +188,70 @@ def greedy_exact_match(mt: ModelAndTokenizer, prompt: str, target: str) -> bool:
     return True
 
 
+@torch.no_grad()
+def teacher_forced_accuracy(mt: ModelAndTokenizer, prompt: str, target: str) -> float:
+    """The share of the tokens of ' ' + target that are the model's argmax when the target's earlier
+    tokens are fed in (teacher forcing): the token-level accuracy that editing papers report and
+    that Yang et al. (2025) criticise, since it leaks both the content and the length of the answer."""
+    ids, mask, labels = encode_with_targets(mt, [prompt], [target])
+    predicted = mt.model(input_ids=ids, attention_mask=mask).logits[0].argmax(-1)
+    keep = labels[0] != -100
+    return (predicted[keep] == labels[0][keep]).float().mean().item()
+
+
+STOP = (".", ",", ";", "\n")                 # a generated answer ends at the first of these
+
+
+@torch.no_grad()
+def generate_answer(mt: ModelAndTokenizer, prompt: str, max_new_tokens: int = 8) -> str:
+    """The model's own answer after `prompt`: greedy decoding, each token fed back, until a token
+    that holds a `STOP` character, the end-of-text token or `max_new_tokens`; the decoded text before
+    the stop, stripped. The target is never seen, so neither its content nor its length can leak
+    (the point of Yang et al. 2025's evaluation "in the wild")."""
+    ids = mt.tokenizer(prompt, return_tensors="pt")["input_ids"].to(mt.device)
+    new = []
+    for _ in range(max_new_tokens):
+        nxt = mt.model(input_ids=ids).logits[0, -1].argmax().item()
+        if nxt == mt.tokenizer.eos_token_id:
+            break
+        new.append(nxt)
+        if any(c in mt.tokenizer.decode([nxt]) for c in STOP):
+            break
+        ids = torch.cat([ids, ids.new_tensor([[nxt]])], dim=1)
+    text = mt.tokenizer.decode(new)
+    for c in STOP:
+        text = text.split(c)[0]
+    return text.strip()
+
+
+def answer_matches(answer: str, target: str) -> bool:
+    """Exact match of a generated answer and a target, ignoring case and a leading 'the'."""
+    norm = lambda s: re.sub(r"^the\s+", "", s.strip().lower())
+    return norm(answer) == norm(target)
+
+
 NEGATION = "It is not true that {}"          # wraps a whole prompt (first letter kept as is)
 
 
 def distracting_prefix(record: dict) -> str | None:
-    """A neighbourhood prompt completed with the TRUE object, to put before the rewrite prompt
-    (Hoelscher-Obermaier et al. 2023's distracting neighbour), or None without neighbours."""
+    """A neighbourhood prompt completed with the TRUE object, to put before the rewrite prompt, or
+    None without neighbours. The course's own probe: does the edit survive a context that states the
+    old object (in the spirit of Kassner & Schütze 2020's misprimed probes)? It is the reverse of
+    Hoelscher-Obermaier et al. (2023)'s CounterFact+, which puts the edit statement before the
+    *neighbourhood* prompts to catch the edit leaking into them."""
     if not record.get("neighborhood_prompts"):
         return None
     return f"{record['neighborhood_prompts'][0]} {record['requested_rewrite']['target_true']['str']}."
 
 
 def honest_metrics(mt: ModelAndTokenizer, record: dict) -> dict:
-    """For one record on the model as it is now, success by two yardsticks on three kinds of prompt:
-    {"prob": p(new) > p(true) (CounterFact, teacher-forced), "gen": `greedy_exact_match` of the new
-    object} for "plain" (the rewrite prompt), "context" (after `distracting_prefix`) and "negated"
-    (`NEGATION`: success there means the edit *still* fires, a leak). Returns {kind: {"prob", "gen"}}."""
+    """One record on the model as it is now, on three kinds of prompt: "plain" (the rewrite prompt),
+    "context" (after `distracting_prefix`) and "negated" (`NEGATION`). For each kind:
+    "prob": p(new) > p(true) (CounterFact's comparison, teacher-forced);
+    "tf_acc": `teacher_forced_accuracy` of the new object (Yang et al. 2025's criticised metric);
+    "answer": `generate_answer`; "gen" / "gen_true": that answer is the new / the true object.
+    Under negation, "gen" after an edit and "gen_true" before it both count answers that ignore the
+    negation: compare the two, not "gen" alone. Returns {kind: {...}}."""
     rw = record["requested_rewrite"]
     plain = rw["prompt"].format(rw["subject"])
     prefix = distracting_prefix(record)
@@ -200,8 +262,24 @@ def honest_metrics(mt: ModelAndTokenizer, record: dict) -> dict:
     out = {}
     for kind, p in prompts.items():
         nll = target_nll(mt, [p, p], [new, true])
-        out[kind] = {"prob": bool(nll[0] < nll[1]), "gen": greedy_exact_match(mt, p, new)}
+        answer = generate_answer(mt, p)
+        out[kind] = {"prob": bool(nll[0] < nll[1]), "tf_acc": teacher_forced_accuracy(mt, p, new),
+                     "answer": answer, "gen": answer_matches(answer, new), "gen_true": answer_matches(answer, true)}
     return out
+
+
+def negation_gap(before: list, after: list) -> dict:
+    """Does an edit ignore negation more than the model's own facts do? before, after: `honest_metrics`
+    of the same records before and after their edits. Among the records whose plain prompt answers the
+    true object before the edit, the share that still answer it under negation ("baseline"); among those
+    whose plain prompt answers the new object after the edit, the share that still answer it under
+    negation ("edited"); and "difference" = edited − baseline, the only part an edit is responsible
+    for. Each with its count n."""
+    base = [b["negated"]["gen_true"] for b in before if b["plain"]["gen_true"]]
+    edit = [a["negated"]["gen"] for a in after if a["plain"]["gen"]]
+    share = lambda xs: sum(xs) / len(xs) if xs else float("nan")
+    return {"baseline": share(base), "n_baseline": len(base), "edited": share(edit), "n_edited": len(edit),
+            "difference": share(edit) - share(base)}
 
 
 # --- 4. knowledge neurons revisited -----------------------------------------------------------------

@@ -67,7 +67,7 @@ class MEMITHyperParams:
     context_lengths: tuple = ((10, 5),)             # 5 templates of 10 tokens (memit_main.py)
     template_starts: tuple = MEMIT_TEMPLATE_STARTS  # sampling starts from these words, in turn
     bare_prompt_weight: float = 0.5                 # compute_ks: mean over ["{}"] and the templates
-    mom2_n_samples: int = 100000                    # keys used to estimate C
+    mom2_n_samples: int = 100000                    # texts C is estimated from (keys for TinyWorld: rome.KEY_COUNTED_CORPORA)
     weight_decay: str = "norm"                      # as ROMEHyperParams: ‖δ‖ (reference) or ‖δ‖²
     kl: str = "new||init"                           # as ROMEHyperParams
     nullspace_threshold: float = 2e-2               # AlphaEdit: eigenvalues of C below it span P
@@ -181,12 +181,12 @@ def check_layers(mt: ModelAndTokenizer, layers) -> tuple:
 
 def layer_covariances(mt: ModelAndTokenizer, layers, n_samples: int = 100000,
                       progress: bool = True) -> dict:
-    """{layer: C = E[k kᵀ]} of each layer's keys over the model's generic text
-    (`rome.key_covariance`, cached on disk: `rome.covariance_path`). Each C: (d_mlp, d_mlp) float32.
-    Fetch them all before editing: the cache is keyed by the weights, and an edit changes them."""
-    corpus, texts = rome.generic_texts(mt)
-    return {layer: rome.key_covariance(mt, layer, texts=texts, corpus=corpus, n_samples=n_samples,
-                                       progress=progress) for layer in check_layers(mt, layers)}
+    """{layer: C = E[k kᵀ]} of each layer's keys (`rome.key_covariance`: the reference's published
+    statistics where they exist, e.g. GPT-2 XL's layers 13-17, else the model's generic text, cached
+    on disk: `rome.covariance_path`). Each C: (d_mlp, d_mlp) float32. Fetch them all before
+    editing: the cache is keyed by the weights, and an edit changes them."""
+    return {layer: rome.key_covariance(mt, layer, n_samples=n_samples, progress=progress)
+            for layer in check_layers(mt, layers)}
 
 
 def layer_covariance(mt: ModelAndTokenizer, layer: int, n_samples: int = 100000,
@@ -532,7 +532,7 @@ def perplexity(mt: ModelAndTokenizer, texts: list, batch_size: int = 8, max_len:
     for i in range(0, len(texts), batch_size):
         enc = mt.tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True,
                            truncation=True, max_length=max_len).to(mt.device)
-        hidden = mt.model.transformer(**enc).last_hidden_state          # [B, T, d] after ln_f
+        hidden = mt.model.transformer(**enc, use_cache=False).last_hidden_state   # [B, T, d] after ln_f
         mask = enc["attention_mask"][:, 1:].bool()
         h, labels = hidden[:, :-1][mask], enc["input_ids"][:, 1:][mask]   # [N, d], [N]: real positions
         for j in range(0, len(labels), chunk_tokens):

@@ -10,6 +10,7 @@ With no name: $ENGRAM_MODEL, else gpt2-xl on a CUDA GPU with >= 12 GB, else tiny
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +98,14 @@ def _source(name: str) -> str:
                      "or a local folder saved with save_pretrained()")
 
 
+def hub_cache_dir() -> str | None:
+    """Where Hub models are kept: $ENGRAM_CACHE/huggingface when ENGRAM_CACHE is set (one variable
+    puts every download of the course, models included, in one place, e.g. on Google Drive:
+    `engramlib.cache_on_drive()`), else None: the Hugging Face default (~/.cache/huggingface)."""
+    root = os.environ.get("ENGRAM_CACHE")
+    return str(Path(root) / "huggingface") if root else None
+
+
 def prepare_tokenizer(tokenizer):
     """Pad on the right with the end-of-text token (GPT-2 has no pad token): every function here
     reads a prompt's last real token at attention_mask.sum() - 1. Returns the tokenizer."""
@@ -106,13 +115,38 @@ def prepare_tokenizer(tokenizer):
     return tokenizer
 
 
+HUB_RETRIES, HUB_BACKOFF = 3, 5.0      # tries of a Hub download, seconds before the 2nd (then doubled)
+
+
+def _from_pretrained(name: str, source: str) -> tuple:
+    """(tokenizer, model) from `source`. A Hub download is tried HUB_RETRIES times with backoff
+    (the Hub's client writes each file atomically, resumes it and shows its progress); offline
+    (HF_HUB_OFFLINE=1) or a local folder: one try. Raises ModelLoadError saying what to do."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    hub = name in HUB_MODELS
+    cache = hub_cache_dir() if hub else None
+    tries = HUB_RETRIES if hub and os.environ.get("HF_HUB_OFFLINE", "0") in ("", "0") else 1
+    for attempt in range(tries):
+        try:
+            return (AutoTokenizer.from_pretrained(source, cache_dir=cache),
+                    AutoModelForCausalLM.from_pretrained(source, cache_dir=cache))
+        except OSError as err:
+            if attempt + 1 == tries:
+                raise ModelLoadError(
+                    f"could not load {name!r} from the Hugging Face Hub ({type(err).__name__}, "
+                    f"{tries} tries). Offline? Use the bundled model: ENGRAM_MODEL=tinyworld, or "
+                    "load_model('tinyworld').") from err
+            wait = HUB_BACKOFF * 2 ** attempt
+            print(f"loading {name!r} failed ({type(err).__name__}); trying again in {wait:.0f} s")
+            time.sleep(wait)
+
+
 def load_model(name: str | None = None, device: str | None = None) -> ModelAndTokenizer:
     """Load a GPT-2-family causal LM and its tokenizer, in eval mode, on `device`.
 
     name: see the module docstring; None picks `default_model_name()` and says so.
     device: "cuda", "mps", "cpu"; None picks the best available.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from engramlib.settings import pick_device
 
     if name is None:
@@ -125,12 +159,7 @@ def load_model(name: str | None = None, device: str | None = None) -> ModelAndTo
     if name == "tinyworld":
         hf_logging.disable_progress_bar()       # a 30 MB local file needs no progress bar
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source)
-    except OSError as err:
-        raise ModelLoadError(
-            f"could not load {name!r} from the Hugging Face Hub ({type(err).__name__}). "
-            "Offline? Use the bundled model: ENGRAM_MODEL=tinyworld, or load_model('tinyworld').") from err
+        tokenizer, model = _from_pretrained(name, source)
     finally:
         if bars:
             hf_logging.enable_progress_bar()

@@ -67,29 +67,44 @@ def plot_aie(aie, ax=None, buckets=None, title: str | None = None):
 
 def plot_collapse(boards, title: str | None = None):
     """The collapse dashboard of sequential editing (`memit.collapse_dashboard`): one panel per
-    measure against the number of edits, one line per run; the perplexity panel marks disabling
-    steps with a red line. boards: one dashboard dict or a list of them. Returns the figure."""
+    measure against the number of edits, one line per run, each run with its own marker and line
+    style (and smaller markers for later runs), so that runs with equal values stay visible on top of
+    each other. The perplexity panel shows the change from the unedited model in per cent, on an axis
+    that spans at least -5 % to +50 % (one 1.5-fold jump), so that a change of a fraction of a per cent
+    stays flat (the per-cent panels span at least 10 points, for the same reason); disabling steps are
+    marked with a red line. boards: one dashboard dict or a list of
+    them. Returns the figure."""
     boards = [boards] if isinstance(boards, dict) else list(boards)
     panels = (("edits_recalled", "edits recalled, top-1 (%)"),
               ("neighborhood_score", "neighbourhood score NS (%)"),
               ("unedited_accuracy", "unedited facts, top-1 (%)"),
               ("paraphrase_accuracy", "their paraphrases, top-1 (%)"),
-              ("perplexity", "held-out perplexity"),
+              ("perplexity", "held-out perplexity, change from unedited (%)"),
               ("delta_norm", "‖W − W₀‖ over the edited layers"))
+    styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."), ("v", "-")]
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.8))
     for ax, (key, label) in zip(axes.flat, panels):
-        for board in boards:
+        for i, board in enumerate(boards):
             if key == "delta_norm":
                 per_layer = list(board["delta_norm"].values())
                 y = [sum(v ** 2 for v in vals) ** 0.5 for vals in zip(*per_layer)] if per_layer \
                     else [0.0] * len(board["n_edits"])
+            elif key == "perplexity":
+                y = [100 * (p / board["perplexity"][0] - 1) for p in board["perplexity"]]
             else:
-                y = board[key] if key == "perplexity" else [100 * v for v in board[key]]
-            ax.plot(board["n_edits"], y, "o-", ms=3,
+                y = [100 * v for v in board[key]]
+            marker, line = styles[i % len(styles)]
+            ax.plot(board["n_edits"], y, marker=marker, ls=line, ms=max(3.0, 8.0 - 2 * i), mfc="none",
                     label=f"{board['method']} (batches of {board['batch_size']})")
             if key == "perplexity":
                 for d in board["disabling"]:
                     ax.axvline(d["n_edits"], color="red", alpha=0.4, lw=1)
+        low, high = ax.get_ylim()
+        if key == "perplexity":
+            ax.set_ylim(min(low, -5.0), max(high, 50.0))
+        elif key != "delta_norm" and high - low < 10:         # a per-cent axis spans at least 10 points
+            mid = min(max((low + high) / 2, 3.0), 97.0)
+            ax.set_ylim(mid - 5.5, mid + 5.5)
         ax.set_xlabel("number of edits so far")
         ax.set_ylabel(label)
         ax.set_title(label, fontsize=10)

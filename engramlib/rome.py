@@ -9,7 +9,8 @@ that the later layers turn into the object. To make the model say o* instead:
 2. δ = `compute_v_star`: the change of the MLP output at the last subject token that makes o*
    likely, found by gradient descent (loss = NLL of o* + KL on "{subject} is a" + weight decay).
 3. C = `key_covariance`: E[k kᵀ] over generic text; C⁻¹ (`inverse_key_covariance`) protects the
-   keys of other facts.
+   keys of other facts. Where the reference publishes its C (GPT-2 medium/large/XL at its hparams'
+   layers) it is downloaded and used; elsewhere it is computed with the reference's counting.
 4. Ŵ = W + δ uᵀ / (uᵀ k_w) with u = C⁻¹k*: `rome_weight_update`. Ŵ maps the key k_w to W k_w + δ
    and changes W only along C⁻¹k*. GPT-2's `Conv1D` stores W transposed (d_in, d_out);
    `apply_rome_edit` handles that and returns an `Edit` that can `undo()` bit for bit.
@@ -31,12 +32,17 @@ import contextlib
 import hashlib
 import json
 import os
+import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from engramlib import download as download_module
+from engramlib.download import DownloadError, cache_dir, download, mirrored
 from engramlib.hooks import Trace, hidden_of, with_hidden
 from engramlib.models import (ModelAndTokenizer, encode_with_targets, find_subject_range, first_token_id,
                               generate, next_token_probs, target_nll_from_logits)
@@ -57,7 +63,7 @@ class ROMEHyperParams:
     clamp_norm_factor: float = 4.0
     context_lengths: tuple = ((5, 10), (10, 10))   # (tokens, how many) of the context templates
     template_starts: tuple | None = None            # None: the end-of-text token (ROME's code)
-    mom2_n_samples: int = 100000                    # keys used to estimate C
+    mom2_n_samples: int = 100000                    # texts behind C (reference: 100k, published)
     early_stop_loss: float = 5e-2
     update_at: str = "bare_prompt"                  # or "k_star": where Ŵ k = v₀ + δ is written
     weight_decay: str = "norm"                      # or "squared": ‖δ‖ or ‖δ‖² over ‖v₀‖²
@@ -144,11 +150,16 @@ def check_request(mt: ModelAndTokenizer, request: dict) -> dict:
 
 _TEMPLATE_CACHE: dict = {}
 _C_INV_CACHE: dict = {}
+# Σ k kᵀ is summed in float32, as the reference does (mom2_dtype "float32"), 32× faster than float64
+# on a T4. Measured against float64 (`python benchmarks/covariance_precision.py`): TinyWorld layer 0,
+# 134,206 keys: C differs by 3e-7, u = C⁻¹k by 2e-4, where C from half the texts moves u by 0.15;
+# random GPT-2 small layer 4, 10,213 keys: 7e-8 and 7e-5. Far below the sampling error of C.
+ACCUMULATE_DTYPE = torch.float32
 
 
 def clear_caches() -> None:
     """Forget the cached context templates and inverse covariances (C itself is cached on disk:
-    `covariance_path`; delete the file to recompute it)."""
+    `covariance_path` and `published_stats_path`; delete the file to recompute or download it)."""
     _TEMPLATE_CACHE.clear()
     _C_INV_CACHE.clear()
 
@@ -237,13 +248,28 @@ def weights_fingerprint(mt: ModelAndTokenizer, layer: int) -> str:
     return h.hexdigest()[:10]
 
 
-def covariance_path(mt: ModelAndTokenizer, layer: int, corpus: str, n_samples: int) -> Path:
+# Corpora whose C counts keys, not texts. TinyWorld's C of layers 0-2 ships with the package
+# (engramlib/tinyworld/stats, found under these names): the first 100,000 keys of its generic
+# sentences, i.e. 9,241 of its 12,421 sentences (~11 tokens each). Counting texts instead would take
+# all 12,421 (134,206 keys): C moves by 0.9 % (relative Frobenius norm, layer 0).
+KEY_COUNTED_CORPORA = ("tinyworld-sentences",)
+
+
+def covariance_path(mt: ModelAndTokenizer, layer: int, corpus: str, n_samples: int,
+                    count: str | None = None, max_len: int | None = None) -> Path:
     """Where `key_covariance` caches C: $ENGRAM_CACHE (default ~/.cache/engramlib)/stats/...
     The file name holds the model name, a fingerprint of its weights (`weights_fingerprint`), the
-    layer, the corpus and the number of keys; delete the file to recompute."""
-    root = Path(os.environ.get("ENGRAM_CACHE", Path.home() / ".cache" / "engramlib"))
+    layer, the corpus and the sample: "{n}texts" (texts of up to max_len tokens; "_t{max_len}" is
+    added below n_positions) or "{n}" (n keys: `KEY_COUNTED_CORPORA`). Delete the file to recompute."""
+    count = count or ("keys" if corpus in KEY_COUNTED_CORPORA else "texts")
+    if count not in ("texts", "keys"):
+        raise ValueError(f"count must be 'texts' (the reference) or 'keys', got {count!r}")
+    n_positions = mt.model.config.n_positions
+    sample = f"{n_samples}texts" if count == "texts" else f"{n_samples}"
+    if max_len is not None and max_len < n_positions:
+        sample += f"_t{max_len}"
     safe = Path(mt.name).name if Path(mt.name).is_dir() else mt.name.replace("/", "_")
-    return root / "stats" / f"{safe}-{weights_fingerprint(mt, layer)}_layer{layer}_{corpus}_{n_samples}.pt"
+    return cache_dir() / "stats" / f"{safe}-{weights_fingerprint(mt, layer)}_layer{layer}_{corpus}_{sample}.pt"
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -259,30 +285,171 @@ def atomic_save(obj, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def generic_texts(mt: ModelAndTokenizer, n_texts: int = 2000) -> tuple:
-    """(corpus name, texts) to estimate C from. TinyWorld: sentences of its own corpus
-    distribution. GPT-2: the first `n_texts` Wikipedia paragraphs of over 200 characters
-    (wikitext-103 through the `datasets` package, streamed: nothing else is downloaded), kept in
-    $ENGRAM_CACHE/wikitext-103-paragraphs.json and read from there afterwards."""
-    if mt.name == "tinyworld":
-        from engramlib.tinyworld.corpus import generic_sentences
-        return "tinyworld-sentences", generic_sentences(n_texts)
-    from engramlib.facts import _cache_dir
-    cached = _cache_dir() / "wikitext-103-paragraphs.json"      # written below; delete to stream again
-    if cached.exists():
-        return "wikitext103", json.loads(cached.read_text(encoding="utf-8"))[:n_texts]
+# --- the reference's published statistics ---------------------------------------------------------
+
+# The reference code does not compute C for its own layers: rome/layer_stats.py downloads
+# {REMOTE_ROOT_URL}/data/stats/{model}/wikipedia_stats/{module}_float32_mom2_100000.npz, the
+# statistics of 100,000 Wikipedia texts (dataset "wikipedia" 20200501.en, a fixed random sample,
+# seed 1, each text cut at n_positions tokens), and computes them only where the download fails.
+# REMOTE_ROOT_URL is rome.baulab.info (kmeng01/rome globals.yml) and memit.baulab.info
+# (kmeng01/memit globals.yml). Published: the layers of the reference's hparams, all with
+# mom2_dataset "wikipedia", mom2_n_samples 100000, mom2_dtype "float32".
+STATS_HOSTS = {"rome": "https://rome.baulab.info", "memit": "https://memit.baulab.info"}
+PUBLISHED_STATS = {
+    ("gpt2-medium", 8): ("rome",),            # hparams/ROME/gpt2-medium.json
+    ("gpt2-large", 12): ("rome",),            # hparams/ROME/gpt2-large.json
+    ("gpt2-xl", 17): ("rome", "memit"),       # hparams/ROME/gpt2-xl.json, hparams/MEMIT/gpt2-xl.json
+    **{("gpt2-xl", layer): ("memit",) for layer in (13, 14, 15, 16)},   # hparams/MEMIT/gpt2-xl.json
+}
+PUBLISHED_N_SAMPLES = 100000                   # texts behind each published file (mom2_n_samples)
+
+
+def published_stats_name(model: str, layer: int) -> str:
+    """The reference's path of a layer's statistics, relative to its stats folder (and URL)."""
+    return (f"{model}/wikipedia_stats/transformer.h.{layer}.mlp.c_proj_float32_mom2_"
+            f"{PUBLISHED_N_SAMPLES}.npz")
+
+
+def published_stats_path(model: str, layer: int) -> Path:
+    """Where the download is kept: $ENGRAM_CACHE/stats/ + the reference's own layout, so a copy of
+    the reference's data/stats folder can be dropped in."""
+    return cache_dir() / "stats" / published_stats_name(model, layer)
+
+
+def published_stats_urls(model: str, layer: int) -> list:
+    """$ENGRAM_MIRROR (if set), then each reference host that publishes (model, layer)."""
+    name = published_stats_name(model, layer)
+    return mirrored(f"data/stats/{name}", [f"{STATS_HOSTS[h]}/data/stats/{name}"
+                                           for h in PUBLISHED_STATS.get((model, layer), ())])
+
+
+def read_second_moment(path, d_mlp: int) -> tuple:
+    """(mom2, count) from a statistics file in the reference's format: the npz that its
+    `CombinedStat(mom2=SecondMoment())` saves (util/runningstats.py): "mom2.mom2", the raw sum
+    Σ k kᵀ (d_mlp, d_mlp), "mom2.count", the number of keys summed, and "sample_size" (texts).
+    Raises ValueError (saying what is wrong) for a truncated, unreadable or wrong-shaped file."""
+    import numpy as np
     try:
-        from datasets import load_dataset
-        stream = load_dataset("wikitext", "wikitext-103-raw-v1", split="train", streaming=True)
-        texts = []
+        with np.load(path, allow_pickle=False) as z:
+            missing = {"mom2.mom2", "mom2.count"} - set(z.files)
+            if missing:
+                raise ValueError(f"no {sorted(missing)} in it (keys: {sorted(z.files)})")
+            mom2, count = z["mom2.mom2"], z["mom2.count"]
+    except (OSError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path} is not a readable .npz ({type(err).__name__}: {err}); truncated?") from err
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
+    if mom2.shape != (d_mlp, d_mlp):
+        raise ValueError(f"{path}: mom2 has shape {mom2.shape}, the model's keys need ({d_mlp}, {d_mlp}): "
+                         "statistics of another model?")
+    if count.shape != () or not np.issubdtype(count.dtype, np.integer) or int(count) <= 0:
+        raise ValueError(f"{path}: mom2.count must be a positive integer, got {count!r}")
+    if not np.issubdtype(mom2.dtype, np.floating) or not np.isfinite(mom2).all():
+        raise ValueError(f"{path}: mom2 is not all finite floats")
+    return mom2, int(count)
+
+
+def _d_mlp(mt: ModelAndTokenizer) -> int:
+    return mt.model.config.n_inner or 4 * mt.model.config.n_embd
+
+
+def published_covariance(mt: ModelAndTokenizer, layer: int, progress: bool = True):
+    """C = mom2 / count from the reference's published statistics (float32, as its
+    `SecondMoment.moment()`), downloaded once into $ENGRAM_CACHE; None where (mt.name, layer) has
+    none or the download failed (then C is computed, as the reference falls back to).
+    A cached file that fails the format check is reported, deleted and downloaded again once."""
+    if (mt.name, layer) not in PUBLISHED_STATS:
+        return None
+    path, d = published_stats_path(mt.name, layer), _d_mlp(mt)
+    if path.exists():
+        try:
+            mom2, count = read_second_moment(path, d)
+        except ValueError as err:
+            print(f"rejected the cached statistics: {err}. Deleted; downloading them again.")
+            path.unlink()
+    if not path.exists():
+        try:
+            download(published_stats_urls(mt.name, layer), path, progress=progress,
+                     check=lambda p: read_second_moment(p, d), what=published_stats_name(mt.name, layer),
+                     offline_hint="C will be computed from Wikipedia text instead (needs internet "
+                     "too); or copy the reference's file to " + str(path))
+        except DownloadError as err:
+            print(f"{err}\n-> computing C locally instead.")
+            return None
+        mom2, count = read_second_moment(path, d)
+    if progress:
+        print(f"C of {mt.name} layer {layer}: the reference's statistics ({count:,} keys of "
+              f"{PUBLISHED_N_SAMPLES:,} Wikipedia texts), {path}")
+    return torch.from_numpy(mom2 / np.float32(count)).float()
+
+
+def cached_statistics() -> list:
+    """What `engram info` lists: one dict per C source, {"model", "layer", "kind", "path", "cached"}.
+    kind "published": a layer the reference publishes (cached or not); "computed": a C file
+    `key_covariance` wrote into $ENGRAM_CACHE/stats; "shipped": TinyWorld's, in the package."""
+    rows = []
+    for model, layer in sorted(PUBLISHED_STATS):
+        path = published_stats_path(model, layer)
+        rows.append(dict(model=model, layer=layer, kind="published", path=path, cached=path.exists()))
+    for kind, folder in (("computed", cache_dir() / "stats"),
+                         ("shipped", Path(__file__).parent / "tinyworld" / "stats")):
+        found = []
+        for path in folder.glob("*_layer*.pt") if folder.is_dir() else ():
+            model, rest = path.stem.rsplit("_layer", 1)
+            found.append(dict(model=model.rsplit("-", 1)[0], layer=int(rest.split("_", 1)[0]),
+                              kind=kind, path=path, cached=True))
+        rows += sorted(found, key=lambda r: (r["model"], r["layer"], r["path"].name))
+    return rows
+
+
+# --- computing C -----------------------------------------------------------------------------------
+
+WIKITEXT_CACHE = "wikitext-103-paragraphs.json"
+
+
+def _stream_wikitext(n_texts: int, progress: bool) -> list:
+    """The first `n_texts` wikitext-103 paragraphs of over 200 characters (`datasets`, streamed)."""
+    from datasets import load_dataset
+    stream = load_dataset("wikitext", "wikitext-103-raw-v1", split="train", streaming=True)
+    texts = []
+    with tqdm(total=n_texts, desc="Wikipedia paragraphs", disable=not progress) as bar:
         for row in stream:
             if len(row["text"]) > 200:
                 texts.append(row["text"])
+                bar.update(1)
                 if len(texts) == n_texts:
                     break
-    except Exception as err:   # ImportError, or no network
-        raise RuntimeError("estimating C for GPT-2 needs Wikipedia text: `pip install datasets` and "
-                           f"internet access (got {type(err).__name__}: {err}); or pass texts=") from err
+    return texts
+
+
+def generic_texts(mt: ModelAndTokenizer, n_texts: int = 2000, progress: bool = True) -> tuple:
+    """(corpus name, texts) to estimate C from. TinyWorld: sentences of its own corpus
+    distribution. GPT-2: the first `n_texts` Wikipedia paragraphs of over 200 characters
+    (wikitext-103 through the `datasets` package, streamed, with retries: nothing else is
+    downloaded), kept in $ENGRAM_CACHE/wikitext-103-paragraphs.json and read from there afterwards
+    (delete it to stream again, e.g. for more texts)."""
+    if mt.name == "tinyworld":
+        from engramlib.tinyworld.corpus import generic_sentences
+        return "tinyworld-sentences", generic_sentences(n_texts)
+    cached = cache_dir() / WIKITEXT_CACHE                  # written below; delete to stream again
+    if cached.exists():
+        return "wikitext103", json.loads(cached.read_text(encoding="utf-8"))[:n_texts]
+    errors = []
+    for attempt in range(download_module.RETRIES):
+        if attempt:
+            time.sleep(download_module.BACKOFF * 2 ** (attempt - 1))
+        try:
+            texts = _stream_wikitext(n_texts, progress)
+            break
+        except ImportError as err:
+            raise RuntimeError("estimating C for GPT-2 needs Wikipedia text: `pip install datasets` "
+                               "(or `pip install engramlib[lab]`), or pass texts=") from err
+        except Exception as err:   # no network, a stream cut short
+            errors.append(f"{type(err).__name__}: {err}")
+    else:
+        raise DownloadError(f"could not stream Wikipedia paragraphs ({errors[-1]}). Offline? Copy "
+                            f"{WIKITEXT_CACHE} into $ENGRAM_CACHE from a machine with internet, or "
+                            "pass texts= (any list of strings) to key_covariance.")
     cached.parent.mkdir(parents=True, exist_ok=True)
     partial = cached.with_name(f".{cached.name}.{os.getpid()}.part")
     partial.write_text(json.dumps(texts), encoding="utf-8")
@@ -290,53 +457,108 @@ def generic_texts(mt: ModelAndTokenizer, n_texts: int = 2000) -> tuple:
     return "wikitext103", texts
 
 
+def _select(token_ids: list, n_samples: int, count: str) -> list:
+    """The token lists that go into C: the first n_samples texts (count="texts"), or texts in order
+    until n_samples keys, the last one cut (count="keys")."""
+    if count == "texts":
+        return token_ids[:n_samples]
+    chosen, n_keys = [], 0
+    for ids in token_ids:
+        if n_keys >= n_samples:
+            break
+        chosen.append(ids[:n_samples - n_keys])
+        n_keys += len(chosen[-1])
+    return chosen
+
+
+@torch.no_grad()
+def second_moment(mt: ModelAndTokenizer, layer: int, texts: list, n_samples: int = 100000,
+                  count: str = "texts", max_len: int | None = None, batch_size: int = 32,
+                  dtype: torch.dtype = torch.float32, progress: bool = True) -> dict:
+    """Σ k kᵀ of the inputs k of `mlp.c_proj` over the real (unpadded) tokens of `texts`, each cut
+    at max_len tokens (None: n_positions, as rome/layer_stats.py), accumulated in `dtype`.
+
+    count="texts": the first n_samples texts (the reference's mom2_n_samples counts texts);
+    "keys": texts in order until n_samples keys. Each forward pass stops at `layer`.
+    Returns {"C": (d_mlp, d_mlp) float32 = Σ k kᵀ / n_keys, "n_texts", "n_keys"}."""
+    max_len = max_len or mt.model.config.n_positions
+    texts = list(texts[:n_samples])          # n_samples keys need at most n_samples texts, too
+    token_ids = mt.tokenizer(texts, truncation=True, max_length=max_len)["input_ids"]
+    chosen = [ids for ids in _select(token_ids, n_samples, count) if ids]
+    if not chosen:
+        raise ValueError("no text to estimate C from: pass a non-empty list of texts")
+    order = sorted(range(len(chosen)), key=lambda i: -len(chosen[i])) if count == "texts" \
+        else range(len(chosen))                 # similar lengths together: little padding
+    d = _d_mlp(mt)
+    total, n_keys = torch.zeros(d, d, dtype=dtype, device=mt.device), 0
+    order = list(order)
+    for i in tqdm(range(0, len(order), batch_size), desc=f"key covariance (layer {layer})",
+                  disable=not progress):
+        batch = mt.tokenizer.pad({"input_ids": [chosen[j] for j in order[i:i + batch_size]]},
+                                 return_tensors="pt").to(mt.device)
+        with Trace(mt.model, mt.spec.mlp_out.format(layer), retain_input=True,
+                   retain_output=False, stop=True) as t:
+            mt.model(**batch, use_cache=False)                          # no key-value cache to keep
+        keys = t.input[batch["attention_mask"].bool()].to(dtype)       # (real tokens, d_mlp)
+        total += keys.T @ keys
+        n_keys += len(keys)
+    return {"C": (total / n_keys).float(), "n_texts": len(chosen), "n_keys": n_keys}
+
+
 @torch.no_grad()
 def key_covariance(mt: ModelAndTokenizer, layer: int, texts=None, corpus: str | None = None,
-                   n_samples: int = 100000, batch_size: int = 32, max_len: int = 128,
-                   cache: bool = True, progress: bool = True) -> torch.Tensor:
-    """C = E[k kᵀ] of the inputs k of `mlp.c_proj` over the real (unpadded) tokens of generic
-    text, float32 (d_mlp, d_mlp), from at most `n_samples` keys. Each forward pass stops at the
-    edited layer (nothing above it is needed). Cached on disk (see `covariance_path`); TinyWorld's C
-    of layers 0-2 ships with the package (same file names, so other weights never match them)."""
+                   n_samples: int = 100000, batch_size: int = 32, max_len: int | None = None,
+                   cache: bool = True, progress: bool = True, count: str | None = None,
+                   dtype: torch.dtype = ACCUMULATE_DTYPE, published: bool = True) -> torch.Tensor:
+    """C = E[k kᵀ] of the inputs k of `mlp.c_proj`, float32 (d_mlp, d_mlp), as the reference
+    computes it:
+
+    1. texts=None and a layer the reference publishes statistics for (`PUBLISHED_STATS`, with its
+       n_samples = 100,000): its file, downloaded once (`published_covariance`), C = mom2 / count.
+    2. Else from `texts` (None: `generic_texts(mt)`): the first n_samples texts, each cut at max_len
+       tokens (None: n_positions), all their real tokens (`second_moment`; count="keys" stops after
+       n_samples keys instead: the default for `KEY_COUNTED_CORPORA`). Prints how many texts and
+       keys went in. Cached on disk (`covariance_path`: the corpus name stands for the texts);
+       TinyWorld's C of layers 0-2 ships with the package (same file names, so other weights never
+       match them)."""
+    if texts is None and published and n_samples == PUBLISHED_N_SAMPLES:
+        C = published_covariance(mt, layer, progress=progress)
+        if C is not None:
+            return C.to(mt.device)
     if texts is None:
-        corpus, texts = generic_texts(mt)
+        corpus, texts = generic_texts(mt, progress=progress)
     corpus = corpus or "custom-" + hashlib.sha1("\n".join(texts).encode()).hexdigest()[:10]
-    path = covariance_path(mt, layer, corpus, n_samples)
+    count = count or ("keys" if corpus in KEY_COUNTED_CORPORA else "texts")
+    path = covariance_path(mt, layer, corpus, n_samples, count, max_len)
     shipped = Path(__file__).parent / "tinyworld" / "stats" / path.name    # TinyWorld's, for its layers 0-2
     for found in (path, shipped):
         if cache and found.exists():
             return torch.load(found, map_location=mt.device)
-    d_in = mt.model.config.n_inner or 4 * mt.model.config.n_embd
-    total, count = torch.zeros(d_in, d_in, dtype=torch.float64, device=mt.device), 0
-    for i in tqdm(range(0, len(texts), batch_size), desc=f"key covariance (layer {layer})",
-                  disable=not progress):
-        enc = mt.tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True,
-                           truncation=True, max_length=max_len).to(mt.device)
-        with Trace(mt.model, mt.spec.mlp_out.format(layer), retain_input=True,
-                   retain_output=False, stop=True) as t:
-            mt.model(**enc)
-        keys = t.input[enc["attention_mask"].bool()].double()       # (real tokens, d_in)
-        keys = keys[:n_samples - count]
-        total += keys.T @ keys
-        count += len(keys)
-        if count >= n_samples:
-            break
-    C = (total / count).float()
+    out = second_moment(mt, layer, texts, n_samples, count, max_len, batch_size, dtype, progress)
+    if progress:
+        asked = f" (of the {n_samples:,} asked: pass more texts for more)" \
+            if count == "texts" and out["n_texts"] < n_samples else ""
+        print(f"C of {mt.name} layer {layer}: {out['n_keys']:,} keys from {out['n_texts']:,} texts "
+              f"of {corpus}{asked}")
     if cache:
-        atomic_save(C.cpu(), path)
-    return C
+        atomic_save(out["C"].cpu(), path)
+    return out["C"]
 
 
 def inverse_key_covariance(mt: ModelAndTokenizer, layer: int, n_samples: int = 100000,
-                           progress: bool = True) -> torch.Tensor:
-    """C⁻¹ for layer `layer` (float32, inverted in float64), from the cached `key_covariance` of
-    the model's generic texts. Kept in memory per covariance file: `clear_caches()` forgets it."""
-    corpus, texts = generic_texts(mt)
-    key = covariance_path(mt, layer, corpus, n_samples)
+                           progress: bool = True, texts=None, corpus: str | None = None) -> torch.Tensor:
+    """C⁻¹ for layer `layer` (float32, inverted in float64) of `key_covariance(mt, layer, texts,
+    corpus, n_samples)`: the reference's published statistics where they exist, else the model's
+    generic texts. Kept in host memory per (model, weights, layer, corpus, n_samples) and copied to
+    the model's device when asked for: a GPU holds one C⁻¹ at a time, not one per layer ever
+    edited (a 48-layer sweep of GPT-2 XL would keep 7.3 GiB). `clear_caches()` forgets them."""
+    if texts is not None and corpus is None:
+        corpus = "custom-" + hashlib.sha1("\n".join(texts).encode()).hexdigest()[:10]
+    key = (mt.name, weights_fingerprint(mt, layer), layer, corpus, n_samples)
     if key not in _C_INV_CACHE:
         C = key_covariance(mt, layer, texts=texts, corpus=corpus, n_samples=n_samples, progress=progress)
-        _C_INV_CACHE[key] = torch.linalg.inv(C.double()).float()
-    return _C_INV_CACHE[key]
+        _C_INV_CACHE[key] = torch.linalg.inv(C.double()).float().cpu()
+    return _C_INV_CACHE[key].to(mt.device)
 
 
 # --- v* ------------------------------------------------------------------------------------------

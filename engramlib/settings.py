@@ -71,6 +71,20 @@ def set_plot_style() -> None:
                          "axes.spines.right": False, "font.size": 11})
 
 
+def cache_on_drive(folder: str = "/content/drive/MyDrive/engram-cache") -> str:
+    """On Colab: mount Google Drive and keep every download and cache of the course there
+    (ENGRAM_CACHE: Hub models, C and its statistics, CounterFact, Wikipedia paragraphs), so that a
+    new runtime finds them instead of downloading and computing them again. Run it in the first
+    cell, after `settings = engramlib.setup()`. Returns the folder."""
+    if "google.colab" in sys.modules:
+        from google.colab import drive
+        drive.mount("/content/drive")
+    os.makedirs(folder, exist_ok=True)
+    os.environ["ENGRAM_CACHE"] = folder
+    print(f"engramlib's caches (models included) are in {folder}")
+    return folder
+
+
 def setup(seed: int = 0, verbose: bool = True) -> Settings:
     """Seed everything, pick the device, read ENGRAM_MODEL / ENGRAM_FAST, set the plot style.
 

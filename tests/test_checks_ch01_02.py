@@ -197,3 +197,77 @@ def test_edit_report(capsys):
         K /= 1.0001
         return _report(K, V, i, v_star, method)
     expect(C2.edit_report, in_place, "in place")
+
+
+def test_choose_dimension(capsys):
+    C1.choose_dimension(256)
+    assert "✓" in capsys.readouterr().out
+    expect(C1.choose_dimension, 128, "only")                    # too small: n*(128) ≈ 700
+    expect(C1.choose_dimension, 512, "in proportion to d")      # linear extrapolation from d = 128
+    expect(C1.choose_dimension, 2048, "as many dimensions as memories")
+    expect(C1.choose_dimension, 300, "choose one of")
+
+
+def _experiment(C_of):
+    """The colleague's experiment of exercise 2.5 with C computed by C_of(K, V)."""
+    def run(K, V, i, v_star):
+        W = M.least_squares_memory(K, V)
+        out = {}
+        for method, C_inv in (("C", torch.linalg.pinv(C_of(K, V))), ("naive", torch.eye(K.shape[1], dtype=K.dtype))):
+            W_hat = M.rank_one_edit(W, K[i], v_star, C_inv)
+            out[method] = (torch.nn.functional.cosine_similarity(W_hat @ K[i], v_star, dim=0).item(),
+                           M.interference(W, W_hat, K, skip=i))
+        return out
+    return run
+
+
+def test_find_the_bug(capsys):
+    fixed, buggy = _experiment(lambda K, V: K.T @ K / len(K)), _experiment(lambda K, V: V.T @ V / len(V))
+    C2.find_the_bug("b", fixed)
+    assert "✓" in capsys.readouterr().out
+    assert buggy(M.correlated_keys(10, 64, rho=0.8, seed=3), M.random_keys(10, 64, seed=2), 0,
+                 M.random_keys(1, 64, seed=99)[0])["C"][1] > 0.5         # the bug the notebook shows
+    for letter, message in (("a", "no inverse"), ("c", "OTHER memories"), ("d", "uncentred"), ("e", "one of")):
+        with pytest.raises(AssertionError, match=message):
+            C2.find_the_bug(letter, fixed)
+    with pytest.raises(AssertionError, match="KEYS"):
+        C2.find_the_bug("b", buggy)                                    # the right letter, the fix not made
+    centred = _experiment(lambda K, V: (K - K.mean(0)).T @ (K - K.mean(0)) / len(K))
+    with pytest.raises(AssertionError, match="KEYS"):
+        C2.find_the_bug("b", centred)
+
+
+def test_reveal_accepts_every_tied_choice(capsys):
+    checks.PREDICTIONS.clear()
+    checks.predict("t", "?", {"a": "x", "b": "y"}, answer="b")
+    checks.reveal("t", 1, "", correct={"a", "b"})
+    assert "✓" in capsys.readouterr().out
+    checks.reveal("t", 1, "", correct="a")
+    assert "(answer: 'a')" in capsys.readouterr().out
+    checks.reveal("t", 1, "", correct={"a", "c"})
+    assert "(answer: 'a' or 'c')" in capsys.readouterr().out
+    checks.PREDICTIONS.clear()
+    assert checks.choice_between(0.5, (0.25, 0.75), "abc") == {"b"}
+    assert checks.choice_between(0.75, (0.25, 0.75), "abc") == {"b", "c"}
+
+
+def test_chapter_01_02_answers_with_ties_and_at_the_test_size():
+    # ties: a value on an edge counts for both neighbouring choices
+    assert C1.answer_1_1(0.99) == {"c", "d"} and C1.answer_1_1(0.75) == {"b", "c"}
+    assert C1.answer_1_2(2.5) == {"b", "c"}
+    assert C2.answer_2_1(0.9, torch.tensor([0.1, -0.1])) == {"a", "c"}
+    assert C2.answer_2_2(1.0, 0.5) == {"a", "b"} and C2.answer_2_3(0.3, 0.9) == {"b", "c"}
+    # the measurements at the test size (2 trials, 3 seeds) agree with the full size (5 trials, 10 seeds)
+    for trials in (2, 5):
+        assert C1.answer_1_1(M.capacity_curve(64, [100], trials=trials)[0]) == {"d"}
+        ratio = M.capacity_n_star(128, trials=trials) / M.capacity_n_star(64, trials=trials)
+        assert C1.answer_1_2(ratio) == {"c"}
+    V = M.random_keys(10, 64, seed=2)
+    for seeds in (3, 10):
+        naive, c_edit = [], []
+        for s in range(seeds):
+            K = M.correlated_keys(10, 64, rho=0.95, seed=s)
+            W, target = M.least_squares_memory(K, V), M.random_keys(1, 64, seed=100 + s)[0]
+            naive.append(M.interference(W, M.naive_edit(W, K[0], target), K, skip=0))
+            c_edit.append(M.interference(W, M.rank_one_edit(W, K[0], target, torch.linalg.pinv(M.key_covariance(K))), K, skip=0))
+        assert C2.answer_2_2(sum(naive) / seeds, sum(c_edit) / seeds) == {"c"}

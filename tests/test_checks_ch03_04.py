@@ -142,3 +142,62 @@ def test_train_outside(tiny, capsys):
     expect(check, lambda mt, task, frozen, *a, **k: (_train(mt, task, frozen, *a, **k), frozen)[1], "not the model's state")
     expect(check, lambda mt, task, frozen, *a, **k: (_train(mt, task, frozen, *a, **k), None)[1], "return the graftable state")
     assert all(torch.equal(t, pre[n]) for n, t in G.get_state(mt).items()), "the check restores the model"
+
+
+def _tables(mlp0_text=0.02, early_text=0.0, late_scattered_text=0.22):
+    """Location tables like TinyWorld's at the test size: facts recalled and plain text's next tokens right."""
+    names = [f"MLP {i}" for i in range(8)] + [f"attention {i}" for i in range(8)] + ["early half", "late half"]
+    facts = {n: {"contiguous": 1.0, "scattered": 1.0} for n in names}
+    text = {n: {"contiguous": 0.53, "scattered": 0.54} for n in names}
+    facts["MLP 0"]["contiguous"], text["MLP 0"]["contiguous"] = 0.0, mlp0_text
+    facts["early half"] = {"contiguous": 0.0, "scattered": 0.04}
+    facts["late half"] = {"contiguous": 0.71, "scattered": 0.04}
+    text["early half"] = {"contiguous": early_text, "scattered": late_scattered_text}
+    text["late half"] = {"contiguous": 0.47, "scattered": late_scattered_text}
+    return facts, text, 0.53
+
+
+def test_read_lesions(capsys):
+    facts, text, intact = _tables()
+    C34.read_lesions("b", "b", facts, text, intact)
+    assert "✓" in capsys.readouterr().out
+    check = lambda mlp0, half, tables=(facts, text, intact): C34.read_lesions(mlp0, half, *tables)
+    for mlp0, half, message in (("a", "b", "look at the control"), ("c", "b", "most single modules cost little"),
+                                ("d", "b", "it is needed"), ("b", "a", "did cost some"),
+                                ("b", "c", "breaks the model for every input"), ("e", "b", "answer mlp0")):
+        with pytest.raises(AssertionError, match=message):
+            check(mlp0, half)
+    # a model where zeroing MLP 0 spares plain text: then (a) is the right reading and (b) is diagnosed
+    spared = _tables(mlp0_text=0.52, early_text=0.5, late_scattered_text=0.5)
+    C34.read_lesions("a", "c", *spared)
+    with pytest.raises(AssertionError, match="support \\(a\\)"):
+        check("b", "c", spared)
+    with pytest.raises(AssertionError, match="almost intact"):
+        check("a", "b", spared)
+
+
+def test_overlap_control(capsys):
+    C34.overlap_control("c")
+    assert "✓" in capsys.readouterr().out
+    for choice, message in (("a", "chance only"), ("b", "repeats the measurement"), ("d", "different SKILL"),
+                            ("x", "one of")):
+        with pytest.raises(AssertionError, match=message):
+            C34.overlap_control(choice)
+
+
+def test_chapter_03_04_answers_with_ties_and_at_the_test_size():
+    # ties: on an edge both neighbouring choices count
+    assert C34.answer_3_1(0.1, 1.0, 0.95) == {"a", "b"}
+    assert C34.answer_3_1(0.3, 0.9, 0.95) == {"b", "c"}
+    assert C34.answer_3_2(0.85, 0.95, 0.5) == {"a", "b"} and C34.answer_3_2(0.6, 0.95, 0.5) == {"b", "c"}
+    assert C34.answer_3_3(0.4, 0.5) == {"a", "b"} and C34.answer_3_3(0.5, 0.4) == {"a", "c"}
+    assert C34.answer_4_1(1.0, 0.95) == {"a", "b"} and C34.answer_4_1(1.0, 0.7) == {"b", "c"}
+    assert C34.answer_4_2(1.0, 0.95, 0.5) == {"a", "b"} and C34.answer_4_2(1.0, 0.55, 0.5) == {"b", "c"}
+    assert C34.answer_4_3(0.4) == {"b", "c"}
+    # the test size's measurements (TinyWorld) and the full run's (benchmarks/graft_table.py, quoted in
+    # the chapters) give the same answers
+    assert C34.answer_3_1(0.20, 1.0, 1.0) == {"b"} and C34.answer_3_1(0.27, 1.0, 1.0) == {"b"}
+    facts, _, _ = _tables()
+    assert C34.answer_3_3(facts["MLP 0"]["contiguous"], facts["MLP 0"]["scattered"]) == {"b"}
+    assert C34.answer_4_3(0.505) == C34.answer_4_3(0.502) == {"c"}
+    assert C34.answer_4_2(1.0, 1.0, 0.5) == {"a"}          # the full run: A kept 100 % (the chapter adds it at FAST)

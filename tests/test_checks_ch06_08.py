@@ -384,3 +384,73 @@ def test_chapter_08_reveals_count_ties_and_boundaries(capsys):
     assert "at full size: 40 edits: 90 %" in lines[3]
     assert "(answer: 'a')" in lines[5] and "(answer: 'a' or 'c')" in lines[7]
     _common.PREDICTIONS.clear()
+
+
+def attribute(mt, prompt, subject, noise_draws, *, step="delta", grad_at="corrupted", add_low=True,
+              rows="noisy", module="block"):
+    """Exercise 6.6's reference solution (the notebook's), with switches for the typical mistakes."""
+    ids = mt.tokenizer(prompt, return_tensors="pt")["input_ids"].to(mt.device)
+    batch = ids.repeat(len(noise_draws) + 1, 1)
+    start, end = find_subject_range(mt.tokenizer, prompt, subject)
+    names = [{"block": mt.spec.layer, "mlp": mt.spec.mlp}[module].format(l) for l in range(mt.n_layers)]
+
+    def corrupt(h, name):
+        if name != mt.spec.embedding:
+            return h
+        h = h.clone()
+        h[1:, start:end] += noise_draws
+        return h.requires_grad_()
+    with TraceDict(mt.model, [mt.spec.embedding] + names, edit_output=corrupt, detach=False) as rec:
+        probs = torch.softmax(mt.model(input_ids=batch).logits[:, -1].float(), -1)
+    p = probs[:, probs[0].argmax()]
+    grads = torch.autograd.grad(p.sum(), [rec[n].output for n in names])   # row 0: its own gradient
+    h = torch.stack([rec[n].output for n in names], dim=2).detach()        # [1 + S, T, L, d]
+    g = torch.stack(grads, dim=2)
+    g = g[:1] if grad_at == "clean" else g[1:]
+    delta = {"delta": h[:1] - h[1:], "reversed": h[1:] - h[:1], "none": torch.ones_like(h[1:]),
+             "clean state": h[:1].expand_as(h[1:])}[step]
+    effect = (delta * g).sum(-1)                                            # [S, T, L]
+    if rows == "all":
+        effect = torch.cat([torch.zeros_like(effect[:1]), effect])
+        return (p.mean() + effect.mean(0)).detach()
+    return ((p[1:].mean() if add_low else 0) + effect.mean(0)).detach()
+
+
+def test_attribution_patching(tinyworld, capsys):
+    check = lambda fn: checks.attribution_patching(fn, mt=tinyworld)
+    check(attribute)
+    assert "✓" in capsys.readouterr().out
+    expect(check, lambda *a: attribute(*a, add_low=False), "EFFECTS")
+    expect(check, lambda *a: attribute(*a, step="reversed"), "wrong sign")
+    expect(check, lambda *a: attribute(*a, step="none"), "Multiply it by the step")
+    expect(check, lambda *a: attribute(*a, step="clean state"), "DIFFERENCE")
+    expect(check, lambda *a: attribute(*a, grad_at="clean"), "CLEAN run")
+    expect(check, lambda *a: attribute(*a, rows="all"), "averaged row 0")
+    expect(check, lambda *a: attribute(*a).T, "one ROW per token")
+    expect(check, lambda *a: attribute(*a, module="mlp"), r"\(token \d+, layer \d+\)")
+
+    def zero_before(*a):
+        out = attribute(*a)
+        out[:1] = 0
+        return out
+    expect(check, zero_before, "before the subject")
+
+    def exact(mt, prompt, subject, draws):                     # the trace itself, site by site
+        T = len(mt.tokenizer(prompt)["input_ids"])
+        return torch.tensor([[restore(mt, prompt, subject, draws, t, l) for l in range(mt.n_layers)]
+                             for t in range(T)])
+    expect(check, exact, "causal trace itself")
+
+
+def test_attribution_patching_check_matches_the_library(tinyworld):
+    """The check's own estimate is the library's `attribution_trace_kinds` (hidden state) on the
+    same noise draws."""
+    from engramlib.checks.ch06_tracing import _draws, _states_and_grads, _trace_inputs
+    from engramlib.tracing import _attribution_grids
+    prompt, subject = "The Space Needle is in", "Space Needle"
+    inputs = _trace_inputs(tinyworld, prompt, subject, _draws(tinyworld, subject, 2))
+    probs, H, G = _states_and_grads(tinyworld, inputs)
+    ours = probs[1:].mean() + ((H[:1] - H[1:]) * G[1:]).sum(-1).mean(0)
+    lib_inputs, low, grids = _attribution_grids(tinyworld, inputs, None)
+    assert lib_inputs.answer_id == inputs.answer_id
+    torch.testing.assert_close(ours, low + grids[None], atol=1e-5, rtol=0)

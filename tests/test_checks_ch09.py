@@ -21,7 +21,16 @@ def test_mass_update(capsys):
            "wrong term")
     expect(checks.mass_update, lambda K, R, C, lam: R.T @ K @ torch.linalg.pinv(lam * C), "own term")
     expect(checks.mass_update, lambda K, R, C, lam: R.T @ K @ (lam * C + K.T @ K), "inverse")
-    expect(checks.mass_update, lambda K, R, C, lam: R.T @ K, "differ")
+    expect(checks.mass_update, lambda K, R, C, lam: R.T @ K @ torch.linalg.inv(
+        lam * torch.eye(C.shape[0], dtype=C.dtype) + K.T @ K), "identity where their covariance C belongs")
+    expect(checks.mass_update, lambda K, R, C, lam: R.T @ K, "not the minimiser")
+
+
+def test_mass_update_messages_do_not_give_the_formula_away():
+    import inspect
+    source = inspect.getsource(checks.mass_update)
+    messages = " ".join(line for line in source.splitlines() if "_fail(" in line or line.strip().startswith('"'))
+    assert "KᵀK" not in messages and "(λC" not in messages and "⁻¹" not in (checks.mass_update.__doc__ or "")
 
 
 def test_alphaedit_update(capsys):
@@ -59,3 +68,21 @@ def test_disabling_steps(capsys):
     expect(checks.disabling_steps, lambda n, p, j: [n[i] for i in range(1, len(p)) if p[i] > j * p[0]], "first")
     expect(checks.disabling_steps, lambda n, p, j: [n[i] for i in range(1, len(p)) if p[i] >= j * p[i - 1]], ">=")
     expect(checks.disabling_steps, lambda n, p, j: None, "None")
+    additive = lambda n, p, j: [n[i] for i in range(1, len(p)) if p[i] - p[i - 1] > j]
+    expect(checks.disabling_steps, additive, "factor")
+
+
+def test_paraphrase_choices_count_every_tie():
+    assert checks.paraphrase_choices({"rome": 0.70, "memit": 0.962, "alphaedit": 0.962}) == {"b", "c"}
+    assert checks.paraphrase_choices({"rome": 0.95, "memit": 0.962, "alphaedit": 0.962}) == {"b", "c", "d"}
+    assert checks.paraphrase_choices({"rome": 0.305, "memit": 0.585, "alphaedit": 0.68}) == {"c"}   # full size
+    assert checks.paraphrase_choices({"rome": 0.5, "memit": 0.5, "alphaedit": 0.5}) == {"a", "b", "c", "d"}
+
+
+def test_speed_choices_hold_ties_on_the_edges():
+    assert checks.speed_choices(89, 598, 94.1, 80.7) == {"a"}                   # TinyWorld at full size
+    assert checks.speed_choices(10, 30, 70.0, 80.0) == {"b"}
+    assert checks.speed_choices(10, 30, 75.0, 80.0) == {"a", "b"}               # exactly 5 points below
+    assert checks.speed_choices(10, 12.5, 90.0, 80.0) == {"d", "a"}             # exactly 1.25x
+    assert checks.speed_choices(10, 8, 90.0, 80.0) == {"c", "d"}                # exactly 0.8x
+    assert checks.speed_choices(10, 5, 90.0, 80.0) == {"c"}

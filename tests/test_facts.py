@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from engramlib import facts as F
+from engramlib import download, facts as F
 from engramlib.tinyworld.corpus import generate_corpus
 
 
@@ -77,7 +77,8 @@ def test_load_counterfact_offline_is_a_clear_error(tmp_path, monkeypatch):
 
     def no_network(*args, **kwargs):
         raise OSError("network unreachable")
-    monkeypatch.setattr(F.urllib.request, "urlretrieve", no_network)
+    monkeypatch.setattr(download.urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(download, "BACKOFF", 0.0)
     with pytest.raises(RuntimeError, match="Offline"):
         F.load_known_facts()
 
@@ -85,10 +86,11 @@ def test_load_counterfact_offline_is_a_clear_error(tmp_path, monkeypatch):
 def test_an_interrupted_download_leaves_no_file_behind(tmp_path, monkeypatch):
     monkeypatch.setenv("ENGRAM_CACHE", str(tmp_path))
 
-    def half_download(url, filename):
+    def half_download(url, filename, *args):
         Path(filename).write_text('[{"case_id": 0, "truncat')
         raise OSError("connection reset")
-    monkeypatch.setattr(F.urllib.request, "urlretrieve", half_download)
+    monkeypatch.setattr(download, "_fetch_once", half_download)
+    monkeypatch.setattr(download, "BACKOFF", 0.0)
     with pytest.raises(RuntimeError, match="Offline"):
         F.load_known_facts()
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []     # nothing to reuse next time

@@ -99,3 +99,17 @@ def test_python_versions_agree():
     version = re.fullmatch(r">=(3\.\d+)", lowest)[1]
     assert f"python>={version}" in (ROOT / "environment.yml").read_text()
     assert f"Python ≥ {version}" in (ROOT / "README.md").read_text()
+
+
+def test_one_variable_puts_every_cache_on_drive(monkeypatch, tmp_path, capsys):
+    """engramlib.cache_on_drive() (Colab: Drive mounted first) sets ENGRAM_CACHE, which the Hub
+    models follow too (models.hub_cache_dir), so a new runtime reuses model, C and data."""
+    import engramlib
+    from engramlib.download import cache_dir
+    from engramlib.models import hub_cache_dir
+    monkeypatch.delenv("ENGRAM_CACHE", raising=False)
+    assert hub_cache_dir() is None                      # the Hugging Face default
+    folder = engramlib.cache_on_drive(str(tmp_path / "drive" / "engram-cache"))
+    assert Path(folder).is_dir() and cache_dir() == Path(folder)
+    assert hub_cache_dir() == str(Path(folder) / "huggingface")
+    assert folder in capsys.readouterr().out

@@ -201,6 +201,11 @@ def test_location_vs_amount_lesions_each_region_and_a_scattered_one_of_the_same_
     reset = G.location_vs_amount(tinyworld, {n: t + 1 for n, t in pre.items()}, {"MLP 1": regions["MLP 1"]},
                                  lambda s: float(torch.equal(s[name], pre[name])), to="pre", pre=pre)
     assert reset["MLP 1"]["contiguous"] == 1.0 and reset["MLP 1"]["scattered"] == 0.0
+    calls.clear()                             # several scores (a measurement and its control): one lesion each
+    both = G.location_vs_amount(tinyworld, pre, regions, {"intact": intact, "mean": lambda s: float(s[name].mean())},
+                                to="zero")
+    assert both["intact"] == out and len(calls) == 3 + 2
+    assert both["mean"]["MLP 1"]["contiguous"] == 0.0 and both["mean"]["MLP 3"]["contiguous"] == float(pre[name].mean())
 
 
 def test_sparsity_sweep_compares_regions_of_equal_size(tinyworld, finetuned):

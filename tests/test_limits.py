@@ -66,13 +66,53 @@ def test_greedy_exact_match_needs_every_token(tinyworld):
     assert not limits.greedy_exact_match(tinyworld, fact.prompt, first + " Zzyzx")
 
 
+def test_generate_answer_stops_by_itself_and_never_sees_the_target(tinyworld):
+    assert limits.generate_answer(tinyworld, "The capital of France is") == "Paris"    # TinyWorld goes on "Paris. France, ..."
+    fact = next(f for f in known_facts(tinyworld, load_facts()[::5])
+                if len(tinyworld.tokenizer(" " + f.object)["input_ids"]) >= 2)
+    assert limits.answer_matches(limits.generate_answer(tinyworld, fact.prompt), fact.object)
+    assert limits.generate_answer(tinyworld, fact.prompt, max_new_tokens=1) != fact.object
+    assert limits.answer_matches(" The Paris ", "paris") and not limits.answer_matches("Paris France", "Paris")
+
+
+def test_teacher_forcing_credits_an_answer_the_model_does_not_give(tinyworld):
+    record = counterfact_records()[150]              # Lithuania's continent: Europe -> North America
+    rw = record["requested_rewrite"]
+    prompt = rw["prompt"].format(rw["subject"])
+    assert rw["target_new"]["str"] == "North America"
+    assert limits.generate_answer(tinyworld, prompt) == "Europe"
+    assert limits.teacher_forced_accuracy(tinyworld, prompt, "North America") == pytest.approx(0.5)   # " America" after " North"
+    assert limits.teacher_forced_accuracy(tinyworld, prompt, "Europe") == 1.0
+
+
 def test_honest_metrics_before_and_after_an_edit(tinyworld):
     record = counterfact_records()[150]
     before = limits.honest_metrics(tinyworld, record)
     assert set(before) >= {"plain", "negated"} and not before["plain"]["prob"] and not before["plain"]["gen"]
+    assert before["plain"]["gen_true"] and before["plain"]["answer"] == "Europe"
     with rome.apply_rome_edit(tinyworld, record["requested_rewrite"]):
         after = limits.honest_metrics(tinyworld, record)
-    assert after["plain"]["prob"] and after["plain"]["gen"]
+    assert after["plain"]["prob"] and after["plain"]["gen"] and after["plain"]["tf_acc"] == 1.0
+    gap = limits.negation_gap([before], [after])
+    assert gap["n_baseline"] == gap["n_edited"] == 1
+
+
+def test_negation_gap_compares_the_edit_with_the_model_s_own_facts():
+    row = lambda plain_true, neg_true, plain_new, neg_new: {
+        "plain": {"gen_true": plain_true, "gen": plain_new}, "negated": {"gen_true": neg_true, "gen": neg_new}}
+    before = [row(True, True, False, False), row(True, False, False, False), row(False, False, False, False)]
+    after = [row(False, False, True, True), row(False, False, True, True), row(False, False, False, True)]
+    gap = limits.negation_gap(before, after)
+    assert (gap["baseline"], gap["n_baseline"]) == (0.5, 2)        # facts not known on the plain prompt left out
+    assert (gap["edited"], gap["n_edited"]) == (1.0, 2)           # edits that failed on the plain prompt left out
+    assert gap["difference"] == pytest.approx(0.5)
+
+
+def test_choose_edits_takes_the_implied_checks_first_then_spreads():
+    implied, unchanged = limits.RippleCheck("implied", "p", "a", "b", "P17"), limits.RippleCheck("unchanged", "p", "a", "a", "P30")
+    candidates = [(i, [unchanged]) for i in range(10)] + [(10, [implied, unchanged]), (11, [implied])]
+    chosen = limits.choose_edits(candidates, 4)
+    assert [r for r, _ in chosen[:2]] == [10, 11] and len(chosen) == 4
 
 
 def test_edit_scores_by_layer_edits_measures_and_restores(tinyworld):

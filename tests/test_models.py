@@ -88,3 +88,26 @@ def test_tinyworld_knows_the_papers_examples(tinyworld):
 def test_random_standin_knows_nothing(gpt2_standin):
     facts = load_facts()[:50]
     assert len(known_facts(gpt2_standin, facts)) <= 2
+
+
+def test_hub_downloads_are_retried_with_backoff(monkeypatch):
+    """A Hub model that fails to download is tried again (3 tries, backoff doubling), then one
+    clear error; with HF_HUB_OFFLINE=1 it is not retried."""
+    import transformers
+    from engramlib import models
+    calls, waits = [], []
+    def failing(source, **kwargs):
+        calls.append(kwargs.get("cache_dir"))
+        raise OSError("connection reset")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", failing)
+    monkeypatch.setattr(models.time, "sleep", waits.append)
+    monkeypatch.setenv("ENGRAM_CACHE", "/tmp/engram-test-cache")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(models.ModelLoadError, match="3 tries.*tinyworld"):
+        load_model("gpt2")
+    assert len(calls) == 3 and waits == [5.0, 10.0] and calls[0] == "/tmp/engram-test-cache/huggingface"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    calls.clear()
+    with pytest.raises(models.ModelLoadError, match="1 tries"):
+        load_model("gpt2")
+    assert len(calls) == 1

@@ -209,6 +209,20 @@ def test_evaluate_edits_loop_and_metrics(tinyworld, tw_templates):
     out = evaluate_edits(tinyworld, records, editor, generations=False, progress=False)
     assert out["pre"]["ES"] < 50 and out["post"]["ES"] == 100
     assert set(out["post"]) >= {"ES", "PS", "NS", "EM", "PM", "NM", "S"}
+    # a second editor reuses the unedited rows: the same "pre", and record_metrics only after edits
+    import engramlib.evaluate as E
+    calls = []
+    real = E.record_metrics
+    monkey = lambda mt, record: calls.append(record["case_id"]) or real(mt, record)
+    E.record_metrics = monkey
+    try:
+        again = evaluate_edits(tinyworld, records, editor, generations=False, progress=False,
+                               pre_rows=out["pre_rows"])
+    finally:
+        E.record_metrics = real
+    assert again["pre"] == out["pre"] and len(calls) == len(records)
+    with pytest.raises(ValueError, match="pre_rows has 1 rows for 3 records"):
+        evaluate_edits(tinyworld, records, editor, pre_rows=out["pre_rows"][:1], progress=False)
 
 
 def test_ngram_entropy_prefers_varied_text():
@@ -227,3 +241,169 @@ def test_tinyworld_ships_the_covariance_of_its_edited_layers(tinyworld):
         assert (shipped / name).exists(), f"layer {layer}: {name} is not shipped (retrained weights? recompute)"
     C = torch.load(shipped / rome.covariance_path(tinyworld, 0, "tinyworld-sentences", 100000).name)
     assert C.shape == (1024, 1024) and torch.allclose(C, C.T) and torch.linalg.eigvalsh(C.double()).min() > -1e-6
+
+
+# --- C as the reference computes it: published statistics, texts of up to n_positions tokens ------
+
+OFFICIAL_NPZ = (Path(__file__).parent / "fixtures" / "stats" / "gpt2-medium" / "wikipedia_stats"
+                / "transformer.h.8.mlp.c_proj_float32_mom2_100000.npz")   # d_mlp 64, 700 keys
+ROME_URL = ("https://rome.baulab.info/data/stats/gpt2-medium/wikipedia_stats/"
+            "transformer.h.8.mlp.c_proj_float32_mom2_100000.npz")
+
+
+@pytest.fixture(scope="module")
+def small_gpt2_medium():
+    """Named gpt2-medium (so layer 8 has published statistics) but tiny: 9 layers, d_mlp 64,
+    n_positions 32; GPT-2's tokenizer. Random weights."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+    from engramlib.models import ModelAndTokenizer, prepare_tokenizer
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=9, n_embd=16, n_head=2, n_positions=32)).eval()
+    tok = prepare_tokenizer(GPT2TokenizerFast.from_pretrained(Path(__file__).parent / "fixtures" / "gpt2_tokenizer"))
+    return ModelAndTokenizer(model=model.requires_grad_(False), tokenizer=tok, name="gpt2-medium")
+
+
+@pytest.fixture
+def served(monkeypatch, tmp_path):
+    """A patched opener: {url: bytes} it serves (404 otherwise), and the list of URLs asked."""
+    import urllib.error
+    from engramlib import download
+    files, asked = {}, []
+
+    def fetch(url, tmp, timeout, progress, desc):
+        asked.append(url)
+        if url not in files:
+            raise urllib.error.HTTPError(url, 404, "Not Found", {}, None)
+        Path(tmp).write_bytes(files[url])
+    monkeypatch.setattr(download, "_fetch_once", fetch)
+    monkeypatch.setattr(download, "BACKOFF", 0.0)
+    monkeypatch.setenv("ENGRAM_CACHE", str(tmp_path))
+    monkeypatch.delenv("ENGRAM_MIRROR", raising=False)
+    rome.clear_caches()
+    yield files, asked
+    rome.clear_caches()
+
+
+def official_C():
+    import numpy as np
+    with np.load(OFFICIAL_NPZ) as z:
+        return torch.from_numpy(z["mom2.mom2"] / np.float32(z["mom2.count"]))
+
+
+def no_computing(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("C was computed, not read from the published statistics")
+    monkeypatch.setattr(rome, "second_moment", fail)
+    monkeypatch.setattr(rome, "generic_texts", fail)
+
+
+def test_published_statistics_are_downloaded_once_and_used_not_recomputed(small_gpt2_medium, served,
+                                                                          monkeypatch, capsys):
+    files, asked = served
+    files[ROME_URL] = OFFICIAL_NPZ.read_bytes()
+    no_computing(monkeypatch)
+    C = rome.key_covariance(small_gpt2_medium, 8)
+    assert torch.equal(C, official_C()) and asked == [ROME_URL]           # C = mom2 / count
+    assert rome.published_stats_path("gpt2-medium", 8).exists()
+    C_inv = rome.inverse_key_covariance(small_gpt2_medium, 8)               # hparams' path: 100,000
+    torch.testing.assert_close(C_inv @ C, torch.eye(64), atol=1e-4, rtol=0)
+    assert asked == [ROME_URL]                                              # read from the cache
+    assert "the reference's statistics (700 keys" in capsys.readouterr().out
+    from engramlib.cli import print_statistics
+    print_statistics()
+    assert "gpt2-medium  layer 8   the reference's, cached" in capsys.readouterr().out
+
+
+def test_a_truncated_cached_file_is_rejected_deleted_and_downloaded_again(small_gpt2_medium, served,
+                                                                          monkeypatch, capsys):
+    files, asked = served
+    files[ROME_URL] = OFFICIAL_NPZ.read_bytes()
+    path = rome.published_stats_path("gpt2-medium", 8)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(OFFICIAL_NPZ.read_bytes()[:5000])                     # an interrupted copy
+    no_computing(monkeypatch)
+    C = rome.key_covariance(small_gpt2_medium, 8, progress=False)
+    out = capsys.readouterr().out
+    assert "rejected the cached statistics" in out and "truncated?" in out
+    assert torch.equal(C, official_C()) and asked == [ROME_URL]
+
+
+def test_wrong_shaped_statistics_are_refused_and_C_is_computed(small_gpt2_medium, served, monkeypatch,
+                                                               capsys, tmp_path):
+    import numpy as np
+    files, asked = served
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, **{"mom2.mom2": np.eye(32, dtype=np.float32), "mom2.count": 10, "sample_size": 100000})
+    files[ROME_URL] = wrong.read_bytes()
+    texts = ["The Eiffel Tower is in Paris.", "Rome is the capital of Italy, a country in Europe."]
+    monkeypatch.setattr(rome, "generic_texts", lambda mt, progress=True: ("t", texts))
+    C = rome.key_covariance(small_gpt2_medium, 8, progress=True)
+    out = capsys.readouterr().out
+    assert "(32, 32)" in out and "computing C locally" in out and "from 2 texts of t" in out
+    assert C.shape == (64, 64) and not torch.allclose(C, official_C())
+    assert not rome.published_stats_path("gpt2-medium", 8).exists() and len(asked) == 3   # 3 tries
+
+
+def test_unpublished_layers_models_and_folders_never_download(small_gpt2_medium, tinyworld, served,
+                                                              monkeypatch):
+    files, asked = served
+    monkeypatch.setattr(rome, "generic_texts", lambda mt, progress=True: ("t", ["Paris is in France."]))
+    assert rome.key_covariance(small_gpt2_medium, 3, progress=False).shape == (64, 64)
+    assert rome.key_covariance(tinyworld, 0, progress=False).shape == (1024, 1024)   # shipped
+    assert asked == []
+    assert rome.published_stats_urls("gpt2-xl", 17) == [
+        "https://rome.baulab.info/data/stats/gpt2-xl/wikipedia_stats/transformer.h.17.mlp.c_proj_float32_mom2_100000.npz",
+        "https://memit.baulab.info/data/stats/gpt2-xl/wikipedia_stats/transformer.h.17.mlp.c_proj_float32_mom2_100000.npz"]
+    assert [u.split("/")[2] for u in rome.published_stats_urls("gpt2-xl", 13)] == ["memit.baulab.info"]
+    assert rome.published_stats_urls("gpt2", 4) == []
+
+
+@pytest.mark.parametrize("state, message", [
+    ({"mom2.mom2": "eye"}, "no \\['mom2.count'\\]"),
+    ({"mom2.mom2": "eye", "mom2.count": 0}, "positive integer"),
+    ({"mom2.mom2": "nan", "mom2.count": 5}, "finite"),
+    ({"mom2.mom2": "small", "mom2.count": 5}, "shape \\(2, 2\\)"),
+])
+def test_read_second_moment_says_what_is_wrong(tmp_path, state, message):
+    import numpy as np
+    arrays = {"eye": np.eye(4, dtype=np.float32), "nan": np.full((4, 4), np.nan, np.float32),
+              "small": np.eye(2, dtype=np.float32)}
+    np.savez(tmp_path / "s.npz", **{k: arrays.get(v, v) if isinstance(v, str) else v for k, v in state.items()})
+    with pytest.raises(ValueError, match=message):
+        rome.read_second_moment(tmp_path / "s.npz", 4)
+    (tmp_path / "t.npz").write_bytes((tmp_path / "s.npz").read_bytes()[:100])
+    with pytest.raises(ValueError, match="truncated"):
+        rome.read_second_moment(tmp_path / "t.npz", 4)
+
+
+def test_C_counts_texts_of_up_to_n_positions_tokens(small_gpt2_medium):
+    """As rome/layer_stats.py: n_samples texts, each cut at n_positions (32 here), all their keys;
+    count="keys" stops after n_samples keys (TinyWorld's shipped C)."""
+    from engramlib.hooks import Trace
+    mt = small_gpt2_medium
+    long = "Rome is the capital of Italy, " * 10                   # > 32 tokens
+    texts = [long, "Paris is in France.", "Lionel Messi plays soccer."]
+    out = rome.second_moment(mt, 2, texts, n_samples=2, batch_size=2, progress=False)
+    keys = []
+    for text in texts[:2]:
+        ids = mt.tokenizer(text, truncation=True, max_length=32, return_tensors="pt")
+        with torch.no_grad(), Trace(mt.model, mt.spec.mlp_out.format(2), retain_input=True, stop=True) as t:
+            mt.model(**ids)
+        keys.append(t.input[0])
+    K = torch.cat(keys).double()
+    assert out["n_texts"] == 2 and out["n_keys"] == len(K) == 32 + len(mt.tokenizer(texts[1])["input_ids"])
+    torch.testing.assert_close(out["C"].double(), K.T @ K / len(K), rtol=1e-4, atol=1e-6)
+    by_keys = rome.second_moment(mt, 2, texts, n_samples=40, count="keys", progress=False)
+    assert by_keys["n_keys"] == 40 and by_keys["n_texts"] == 3           # 32 + 5 + the first 3
+    f64 = rome.second_moment(mt, 2, texts, n_samples=3, dtype=torch.float64, progress=False)["C"]
+    f32 = rome.second_moment(mt, 2, texts, n_samples=3, dtype=torch.float32, progress=False)["C"]
+    assert ((f32 - f64).norm() / f64.norm()).item() < 1e-6
+
+
+def test_text_counted_caches_never_reuse_the_key_counted_files(tinyworld):
+    keys = rome.covariance_path(tinyworld, 0, "tinyworld-sentences", 100000).name
+    assert keys.endswith("_tinyworld-sentences_100000.pt")                # the shipped names
+    assert rome.covariance_path(tinyworld, 0, "wikitext103", 2000).name.endswith("_wikitext103_2000texts.pt")
+    assert rome.covariance_path(tinyworld, 0, "w", 5, max_len=16).name.endswith("_w_5texts_t16.pt")
+    with pytest.raises(ValueError, match="count"):
+        rome.covariance_path(tinyworld, 0, "w", 5, count="tokens")

@@ -48,13 +48,13 @@ def _update_rule(fn, name: str, sign: float):
     W_copy = W.clone()
     k = torch.tensor([1., 2.], dtype=torch.float64)
     v = torch.tensor([0., 2., -1.], dtype=torch.float64)
-    got = _call(fn, W, k, v, lr=0.5, shape_hint="v kᵀ must have W's shape (d_v, d_k): use torch.outer(v, k), not torch.outer(k, v) (you computed k vᵀ)")
+    got = _call(fn, W, k, v, lr=0.5, shape_hint="v kᵀ must have W's shape (d_v, d_k), one row per entry of the value; k vᵀ has the transposed shape")
     if not torch.is_tensor(got):
         _fail(f"expected a tensor, got {type(got).__name__}: did you forget to return?")
     if not torch.equal(W, W_copy):
         _fail("your function changed W in place; return a new tensor (W + ..., not W += ...)")
     if got.shape == (2, 3):
-        _fail("expected shape (3, 2) = (d_v, d_k), got (2, 3): you computed k vᵀ; use torch.outer(v, k)")
+        _fail("expected shape (3, 2) = (d_v, d_k), got (2, 3): you computed k vᵀ; the value indexes the rows")
     if got.shape != (3, 2):
         _fail(f"expected shape (3, 2) = (d_v, d_k), got {tuple(got.shape)}")
     ref = W + sign * 0.5 * torch.outer(v, k)
@@ -92,27 +92,44 @@ def predict(key: str, question: str, choices: dict | None = None, answer=None) -
 
 def reveal(key: str, measured, explanation: str, correct=None, full_size: tuple | None = None) -> None:
     """After the experiment: print the prediction (if any), what was measured, and the explanation.
-    correct: the right choice (multiple choice), a set of choices that all count (a tie, or a
-    measurement on the boundary between two choices), or None when only the number matters.
-    full_size: for a small (FAST) run, (what the full-size run measured, its right choices): shown
+    correct: the right choice (multiple choice), a set of them (ties: each tied choice counts), or
+    None when only the number matters.
+    full_size: for a small (FAST) run, (what the full-size run measured, its right choices): printed
     next to this run's number, and its choices count too, so a small sample never marks wrong what
     the full-size result says."""
     guess = PREDICTIONS.get(key)
     said = "no prediction recorded" if guess is None else f"you predicted {guess!r}"
-    as_set = lambda c: set() if c is None else {c} if isinstance(c, str) else set(c)
+    as_set = lambda c: set(c) if isinstance(c, (set, frozenset, list, tuple)) else {c}
     right = as_set(correct) | (as_set(full_size[1]) if full_size and correct is not None else set())
-    verdict = "" if not right or guess is None else (
-        " ✓" if guess in right else f" (answer: {' or '.join(repr(c) for c in sorted(right))})")
+    shown = " or ".join(repr(c) for c in sorted(right, key=str))
+    verdict = "" if correct is None or guess is None else \
+        " (the measurement cannot decide)" if not right else (" ✓" if guess in right else f" (answer: {shown})")
     print(f"Predict {key}: {said}{verdict}; measured: {measured}")
     if full_size:
         print(f"  (a small run; at full size: {full_size[0]})")
     print(explanation)
 
 
-def bands(value: float, edges, tol: float = 1e-9) -> set:
-    """Which of the bands (−∞, e₀), [e₀, e₁), …, [e_last, ∞) `value` lies in, as band indices; a value
-    within `tol` of an edge lies in both bands next to it (a tie with the boundary)."""
-    edges = sorted(edges)
-    return {sum(v >= e for e in edges) for v in (value - tol, value, value + tol)}
+def band_choices(value: float, bands: dict) -> set:
+    """The choices whose closed interval holds `value`: bands {"a": (low, high), ...}. A value on the
+    edge shared by two bands counts for both (a tie)."""
+    return {choice for choice, (low, high) in bands.items() if low <= value <= high}
 
 
+def choice_between(value: float, edges, letters, tol: float = 1e-9) -> set:
+    """The choices of a binned prediction that `value` falls in: letters[0] below edges[0],
+    letters[i] between edges[i-1] and edges[i], letters[-1] above the last edge. A value on an edge
+    (within tol) is a tie: both neighbouring choices count as right (`band_choices` with bands
+    widened by tol)."""
+    if len(letters) != len(edges) + 1:
+        raise ValueError(f"{len(edges)} edges need {len(edges) + 1} letters, got {len(letters)}")
+    bounds = [float("-inf"), *edges, float("inf")]
+    return band_choices(value, {letter: (low - tol, high + tol)
+                                for letter, low, high in zip(letters, bounds, bounds[1:])})
+
+
+def decided_choices(value: float, n: int, bands: dict, full: float | None = None, min_n: int = 30) -> set:
+    """The right choices of a banded prediction: from the measured `value` when its sample (`n` items)
+    is large enough to decide, else from `full`, the full-size measurement the chapter quotes (when
+    there is one; a reveal should then print it next to the small sample's value)."""
+    return band_choices(value if n >= min_n or full is None else full, bands)

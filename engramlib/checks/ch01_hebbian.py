@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from engramlib.checks._common import _call, _close, _fail, _ok, _update_rule
+from engramlib.checks._common import _call, _close, _fail, _ok, _update_rule, choice_between
 
 
 def hebbian_update(fn):
@@ -193,3 +193,47 @@ def find_n_star(fn):
     if got != 1:
         _fail(f"when even one memory is recalled below the threshold, n* = 1; you returned {got}")
     _ok("find_n_star")
+
+
+# --- exercise 1.5: a decision from the measured capacity -------------------------------------------
+
+DIMENSION_CHOICES = (64, 128, 256, 512, 1024, 2048)
+
+
+def choose_dimension(d, n=2000, trials=2):
+    """Exercise 1.5: d -> the smallest d among DIMENSION_CHOICES that recalls ≥ 90 % of n = 2,000 random
+    pairs after cleanup. The check measures the accuracy at the next smaller choice (it must fail),
+    then at d (it must pass)."""
+    from engramlib import memory as M
+    if isinstance(d, float) and d.is_integer():
+        d = int(d)
+    if d not in DIMENSION_CHOICES:
+        _fail(f"choose one of {DIMENSION_CHOICES}, got {d!r}")
+    smaller = DIMENSION_CHOICES[DIMENSION_CHOICES.index(d) - 1] if d != DIMENSION_CHOICES[0] else None
+    acc_smaller = M.capacity_curve(smaller, [n], trials=trials)[0] if smaller else 0.0
+    if acc_smaller >= 0.9:                  # then d works too (capacity grows with d): d is not the smallest
+        if d >= n:
+            _fail(f"d = {d} works, but so does d = {smaller} ({acc_smaller:.0%}): you asked for about as many "
+                  "dimensions as memories, the rule for a CLEAN raw recall. Cleanup only needs the right value "
+                  "to beat the best wrong one (Predict 1.1: more memories than dimensions still came back)")
+        _fail(f"d = {d} works, but so does d = {smaller} ({acc_smaller:.0%}): did you extrapolate n* in "
+              "proportion to d (a fixed number of memories per dimension)? The measured n* grows faster: "
+              "look at how much it grew from one doubling of d to the next")
+    acc = M.capacity_curve(d, [n], trials=trials)[0]
+    if acc < 0.9:
+        _fail(f"at d = {d} only {acc:.0%} of the {n:,} memories come back after cleanup: n*(d) is below "
+              f"{n:,}. Read the n* you measured above and follow its growth past the last dimension")
+    print(f"✓ choose_dimension passed: d = {d} recalls {acc:.1%} of {n:,} memories, d = {smaller} only "
+          f"{acc_smaller:.1%}")
+
+
+# --- the predictions' answers (ties and boundary values count for both neighbouring choices) -------
+
+def answer_1_1(accuracy):
+    """Predict 1.1's right choice(s) from the accuracy after cleanup of 100 memories in d = 64."""
+    return choice_between(accuracy, (0.25, 0.75, 0.99), "abcd")
+
+
+def answer_1_2(ratio):
+    """Predict 1.2's right choice(s) from n*(128) / n*(64)."""
+    return choice_between(ratio, (1.3, 2.5), "abc")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from engramlib.checks._common import _call, _close, _fail, _ok, _update_rule
+from engramlib.checks._common import _call, _close, _fail, _ok, _update_rule, choice_between
 
 
 def anti_hebbian_forget(fn):
@@ -194,3 +194,68 @@ def edit_report(fn):
             _fail(f"report['damage'] is {damage:.2e} for the C⁻¹ edit, whose Ŵ spares the other keys exactly: "
                   "measure ‖Ŵ k_j − W k_j‖ / ‖W k_j‖ for j ≠ i")
     _ok("edit_report")
+
+
+# --- exercise 2.5: find the bug in a colleague's experiment -----------------------------------------
+
+BUG_CHOICES = {"a": "torch.linalg.pinv should be torch.linalg.inv",
+               "b": "C is built from the values, not from the keys",
+               "c": "the damage must include the edited memory i",
+               "d": "C must be centred (the mean key subtracted)"}
+
+
+def find_the_bug(bug, fixed):
+    """Exercise 2.5: bug -> the letter of BUG_CHOICES that explains the colleague's result; fixed(K, V, i,
+    v_star) -> {method: (efficacy, damage)}, the colleague's experiment with that one thing corrected."""
+    from engramlib import memory as M
+    bug = str(bug).strip().lower()
+    if bug not in BUG_CHOICES:
+        _fail(f"answer with one of {', '.join(BUG_CHOICES)}, got {bug!r}")
+    if bug == "a":
+        _fail("pinv is right here: C of 10 keys in 64 dimensions has rank 10 and no inverse. inv would "
+              "return huge numbers and make the damage worse, not better (exercise 2.4's hint 3)")
+    if bug == "c":
+        _fail("leaving out memory i is right: its change is the edit we asked for. The damage the colleague "
+              "reports is to the OTHER memories, and that is the number that is too large")
+    if bug == "d":
+        _fail("ROME's C is the uncentred second moment E[k kᵀ] (exercise 2.4); centring it removes the "
+              "direction the correlated keys share, the one the edit most needs to avoid")
+    K = M.correlated_keys(10, 64, rho=0.8, seed=11)
+    V = M.random_keys(10, 64, seed=12)
+    v_star = M.random_keys(1, 64, seed=13)[0]
+    got = _call(fixed, K, V, 0, v_star, shape_hint="K and V are (10, 64), v_star is (64,)")
+    if not isinstance(got, dict) or set(got) != {"C", "naive"}:
+        _fail('return the same dict as the colleague\'s function: {"C": (efficacy, damage), "naive": (...)}')
+    (eff_c, dmg_c), (eff_n, dmg_n) = got["C"], got["naive"]
+    if abs(eff_c - 1) > 1e-6 or abs(eff_n - 1) > 1e-6:
+        _fail(f"after your fix an edit no longer writes v* (efficacy {eff_c:.3f} and {eff_n:.3f}): change "
+              "only the line with the bug")
+    if dmg_c > 1e-6:
+        _fail(f"your fixed experiment still finds damage {dmg_c:.3f} with the C⁻¹ edit (naive {dmg_n:.3f}): C must "
+              "describe the directions that the stored KEYS use, since the edit is read through W k")
+    if dmg_n < 0.1:
+        _fail("the naive edit should still damage the correlated memories: change only the line with the bug")
+    print(f"✓ find_the_bug passed: with C from the keys the C⁻¹ edit's damage is {dmg_c:.1e}, the naive "
+          f"edit's {dmg_n:.2f}")
+
+
+# --- the predictions' answers (ties and boundary values count for both neighbouring choices) -------
+
+def answer_2_1(others_after_mean, change):
+    """Predict 2.1's right choice(s): d if the other memories fell below a cosine of 0.5, b if nothing
+    changed, else c (better on average) or a (worse); a mean change of exactly 0 is a tie of a and c."""
+    if others_after_mean < 0.5:
+        return {"d"}
+    if float(change.abs().max()) < 1e-9:
+        return {"b"}
+    return choice_between(float(change.mean()), (0.0,), "ac")
+
+
+def answer_2_2(naive_damage, c_damage):
+    """Predict 2.2's right choice(s) from the damage at the highest correlation."""
+    return choice_between(c_damage, (1e-6, 0.5 * naive_damage), "cba")
+
+
+def answer_2_3(sampled_damage, naive_damage):
+    """Predict 2.3's right choice(s): zero, less than a third of the naive edit's, or more."""
+    return choice_between(sampled_damage, (1e-6, naive_damage / 3), "abc")

@@ -5,7 +5,7 @@ import random
 
 import torch
 
-from engramlib.checks._common import _call, _close, _fail, _ok
+from engramlib.checks._common import _call, _close, _fail, _ok, choice_between
 
 
 def _toy_states():
@@ -258,3 +258,136 @@ def train_outside(fn, mt, task):
     if _relative_gap(got, ref, {n: ref[n] - pre[n] for n in pre}) > 1e-3:
         _fail("the model is right, but the state you returned is not the model's state after training")
     _ok("train_outside")
+
+
+# --- exercise 3.5: read a lesion with its control -----------------------------------------------------
+
+MLP0_CHOICES = {"a": "block 0's MLP is where the facts are kept: zeroing it removes them",
+                "b": "block 0's MLP is needed for any text: this lesion cannot say where facts are kept",
+                "c": "facts are kept everywhere: zeroing any one module removes them",
+                "d": "block 0's MLP is not needed for facts: zeroing it costs little"}
+HALF_CHOICES = {"a": "the late half keeps no facts",
+                "b": "scattered zeros damage every computation, plain text as well as facts: the comparison "
+                     "says how damage spreads, not where facts are kept",
+                "c": "the facts are kept in the early half"}
+
+
+def _lesion_reading(facts, text, text_intact):
+    """What the location tables (facts recalled, next tokens right in plain text) support."""
+    mlp0_general = text["MLP 0"]["contiguous"] < 0.5 * text_intact
+    mlp0_costs = facts["MLP 0"]["contiguous"] < 0.5 * facts["MLP 0"]["scattered"]
+    mlp0 = "b" if mlp0_general else "a" if mlp0_costs else "d"
+    modules = [n for n in facts if n.startswith(("MLP ", "attention ")) and n != "MLP 0"]
+    cheap = [n for n in modules if facts[n]["contiguous"] >= 0.8 * facts[n]["scattered"]]
+    return mlp0, cheap
+
+
+def read_lesions(mlp0, late_half, facts, text, text_intact):
+    """Exercise 3.5: mlp0 -> a letter of MLP0_CHOICES, late_half -> a letter of HALF_CHOICES, judged
+    against the measured tables {region: {"contiguous", "scattered"}} of facts and of the plain-text control."""
+    mlp0, late_half = str(mlp0).strip().lower(), str(late_half).strip().lower()
+    if mlp0 not in MLP0_CHOICES or late_half not in HALF_CHOICES:
+        _fail(f"answer mlp0 with one of {', '.join(MLP0_CHOICES)} and late_half with one of "
+              f"{', '.join(HALF_CHOICES)}; got {mlp0!r}, {late_half!r}")
+    right, cheap = _lesion_reading(facts, text, text_intact)
+    f0, t0 = facts["MLP 0"]["contiguous"], text["MLP 0"]["contiguous"]
+    if mlp0 != right:
+        if mlp0 == "a" and right == "b":
+            _fail(f"look at the control: with block 0's MLP zeroed the model also predicts only {t0:.0%} of the "
+                  f"next tokens of plain sentences right (intact: {text_intact:.0%}). A lesion that breaks every "
+                  "input removes every fact too, wherever the facts are kept")
+        if mlp0 == "c" and cheap:
+            _fail(f"zeroing {cheap[0]} leaves {facts[cheap[0]]['contiguous']:.0%} of the facts (the same number "
+                  "of scattered weights: "
+                  f"{facts[cheap[0]]['scattered']:.0%}): most single modules cost little")
+        if mlp0 == "d":
+            _fail(f"zeroing block 0's MLP leaves {f0:.0%} of the facts, against {facts['MLP 0']['scattered']:.0%} "
+                  "for the same number of scattered weights: it is needed")
+        _fail(f"the tables support ({right}) {MLP0_CHOICES[right]!r}: compare the lesion's effect on facts "
+              f"({f0:.0%}) with its effect on plain text ({t0:.0%} of {text_intact:.0%})")
+    late, early = "late half", "early half"
+    if late_half == "a":
+        _fail(f"zeroing the late half leaves {facts[late]['contiguous']:.0%} of the facts: it did cost some, and "
+              "a lesion that costs less than a scattered one does not show that a region holds nothing")
+    if late_half == "c" and text[early]["contiguous"] < 0.5 * text_intact:
+        _fail(f"zeroing the early half also leaves only {text[early]['contiguous']:.0%} of plain text right: it "
+              "breaks the model for every input, so it cannot show where facts are kept")
+    if late_half == "b" and text[late]["scattered"] >= 0.8 * text_intact:
+        _fail(f"here the scattered lesion left plain text almost intact ({text[late]['scattered']:.0%} of "
+              f"{text_intact:.0%}): read the tables again")
+    print(f"✓ read_lesions passed: block 0's MLP zeroed leaves {f0:.0%} of the facts and {t0:.0%} of plain text "
+          f"(intact {text_intact:.0%})")
+
+
+# --- the predictions' answers (ties and boundary values count for both neighbouring choices) -------
+
+def answer_3_1(lead, top_movement_at_1pc, acc_ft):
+    """Predict 3.1: a if the optimised region never leads by 10 points, else b if top-movement catches
+    up (within 5 points of fine-tuned) by 1 %, else c; a lead or a gap exactly on its edge counts for both."""
+    out = choice_between(lead, (0.1,), "ax") - {"x"}
+    if lead >= 0.1 - 1e-9:
+        out |= choice_between(top_movement_at_1pc, (acc_ft - 0.05,), "cb")
+    return out
+
+
+def _stays_or_falls(value, stays_from, falls_to, tol=1e-9):
+    """a: at or above `stays_from`; c: at or below `falls_to`; b: in between (or on either edge: a tie)."""
+    out = {"a"} if value >= stays_from - tol else set()
+    out |= {"c"} if value <= falls_to + tol else set()
+    if not out or abs(value - stays_from) <= tol or abs(value - falls_to) <= tol:
+        out.add("b")
+    return out
+
+
+def answer_3_2(acc_without, acc_ft, acc_pre):
+    """Predict 3.2: the fine-tuned model without the optimised region stays near fine-tuned (a, within 10
+    points), falls part of the way (b) or to the pretrained level (c, within 10 points of it)."""
+    return _stays_or_falls(acc_without, acc_ft - 0.1, acc_pre + 0.1)
+
+
+def answer_3_3(contiguous, scattered):
+    """Predict 3.3: about the same (a, within 10 points), block 0's MLP costs far more (b), or the
+    scattered lesion (c)."""
+    return choice_between(contiguous - scattered, (-0.1, 0.1), "bac")
+
+
+def answer_4_1(before, after):
+    """Predict 4.1: tone accuracy falls by at most 5 points (a), 5-30 (b) or more than 30 (c)."""
+    return choice_between(before - after, (0.05, 0.3), "abc")
+
+
+def answer_4_2(grafted, after_b, sequential):
+    """Predict 4.2: A as before (a, within 5 points), partly lost (b), or as badly as sequential (c)."""
+    return _stays_or_falls(after_b, grafted - 0.05, sequential + 0.05)
+
+
+def answer_4_3(overlap):
+    """Predict 4.3: the share of the first tone region that the second tone run's region holds."""
+    return choice_between(overlap, (0.02, 0.4), "abc")
+
+
+# --- exercise 4.4: design the control of the overlap -------------------------------------------------
+
+CONTROL_CHOICES = {"a": "a random region of the same size",
+                   "b": "the tone task once more, with a third order of the examples",
+                   "c": "the tone prompts with random labels: the same inputs, format and training, no skill",
+                   "d": "the topic task"}
+
+
+def overlap_control(choice):
+    """Exercise 4.4: choice -> the letter of CONTROL_CHOICES that tells a skill's own weights from the
+    weights any fine-tuning on these prompts moves."""
+    choice = str(choice).strip().lower()
+    if choice not in CONTROL_CHOICES:
+        _fail(f"answer with one of {', '.join(CONTROL_CHOICES)}, got {choice!r}")
+    if choice == "a":
+        _fail("a random region controls for chance only, and chance (about 1 %) is already far below every "
+              "measured overlap: it cannot tell the skill's weights from weights that ANY fine-tuning on these "
+              "prompts moves")
+    if choice == "b":
+        _fail("a third tone run repeats the measurement (it tells how reproducible the region is); it still "
+              "learns the skill, so it cannot separate the skill from the training itself")
+    if choice == "d":
+        _fail("the topic task is a different SKILL, not the absence of one: its overlap mixes what the two "
+              "skills share with what any training on these prompts moves, the thing to be separated")
+    _ok("overlap_control")

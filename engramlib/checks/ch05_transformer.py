@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from engramlib.checks._common import _call, _fail, _ok, bands
+from engramlib.checks._common import _call, _fail, _ok, choice_between
 
 
 def _as_tensor(got, what: str, ndim: int) -> torch.Tensor:
@@ -308,10 +308,10 @@ def zeroing_answer(p_clean: float, p_zeroed, tie: float = 0.005) -> set:
     below 0.05 (both when it is on that boundary)."""
     p = torch.as_tensor(p_zeroed, dtype=torch.float64).flatten()
     L, drop = len(p), float(p_clean) - p.min().item()
-    out = {"d"} if 0 in bands(drop, [0.05]) else set()
-    if 1 in bands(drop, [0.05]):
+    out = choice_between(drop, [0.05], "dx")                 # x: some block matters
+    if "x" in out:
         out |= {"abc"[min(2, int(3 * l // L))] for l in (p <= p.min() + tie).nonzero().flatten().tolist()}
-    return out
+    return out - {"x"}
 
 
 def lens_answer(top1) -> set:
@@ -331,7 +331,7 @@ def lens_answer(top1) -> set:
 def silencing_answer(p_before: float, p_after: float) -> set:
     """Predict 5.3's right choices: 'a' P(object) below 0.1 after silencing, 'b' below three quarters
     of its value before, 'c' above that (a value on a boundary counts for both sides)."""
-    return {"abc"[i] for i in bands(float(p_after), [0.1, 0.75 * float(p_before)])}
+    return choice_between(float(p_after), sorted([0.1, 0.75 * float(p_before)]), "abc")
 
 
 # What the chapter measures on TinyWorld at full size (ENGRAM_FAST unset, CPU), shown next to a small

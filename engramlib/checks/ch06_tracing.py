@@ -66,7 +66,7 @@ def corrupt_subject(fn):
 def _trace_inputs(mt, prompt: str, subject: str, noise_draws: torch.Tensor):
     """What `tracing.trace_loop` prepares, but with the given noise draws (no random numbers)."""
     from engramlib.models import find_subject_range
-    from engramlib.tracing import TraceInputs
+    from engramlib.trace_inputs import TraceInputs
     ids = mt.tokenizer(prompt, return_tensors="pt")["input_ids"].to(mt.device)
     start, end = find_subject_range(mt.tokenizer, prompt, subject)
     with torch.no_grad():
@@ -81,7 +81,7 @@ def _row_probs(mt, inputs, restore: dict) -> torch.Tensor:
     """p(answer) in every row [1 + samples] of `tracing._corrupted_run`'s batch (row 0 clean, rows
     1.. corrupted), restoring {module name: [token, ...]} from row 0. Only the sites asked for run."""
     from engramlib.hooks import TraceDict
-    from engramlib.tracing import _corrupt
+    from engramlib.trace_inputs import _corrupt
     batch = inputs.ids.expand(inputs.noise_draws.shape[0] + 1, -1)
 
     def edit(h, name):
@@ -98,7 +98,7 @@ def _row_probs(mt, inputs, restore: dict) -> torch.Tensor:
 def _draws(mt, subject: str, subject_tokens: int, samples: int = 3, seed: int = 0) -> torch.Tensor:
     """Noise draws [samples, subject tokens, d] at 3 σ of the subject's embeddings, from the check's
     own generator (nothing depends on the library's random numbers)."""
-    from engramlib.tracing import noise_level
+    from engramlib.trace_inputs import noise_level
     gen = torch.Generator().manual_seed(seed)
     draws = torch.randn(samples, subject_tokens, mt.model.config.n_embd, generator=gen)
     return (draws * noise_level(mt, [subject])).to(mt.device)
@@ -112,7 +112,7 @@ def restore_one_state(fn, mt=None):
     then three restored sites, each against the same computation as `tracing.trace_loop`'s."""
     from engramlib.hooks import Trace
     from engramlib.models import find_subject_range
-    from engramlib.tracing import _corrupt
+    from engramlib.trace_inputs import _corrupt
     mt = _tinyworld(mt)
     prompt, subject = "The Space Needle is located in the city of", "Space Needle"
     start, end = find_subject_range(mt.tokenizer, prompt, subject)
@@ -191,7 +191,7 @@ def trace_by_loop(fn, mt=None):
     l's output at token t restored, one site at a time (the loop of `tracing.trace_loop`),
     compared with the library's batched `trace` on the same noise draws."""
     from engramlib.fast_trace import trace
-    from engramlib.tracing import _prepare, noise_level
+    from engramlib.trace_inputs import _prepare, noise_level
     mt = _tinyworld(mt)
     prompt, subject = "The Space Needle is in", "Space Needle"         # short: T x L forward passes
     samples, seed, noise = 2, 3, noise_level(mt, ["Space Needle"])
@@ -226,7 +226,7 @@ def trace_by_loop(fn, mt=None):
 
 def indirect_effect(fn):
     """Exercise 6.5: fn(result, token, layer) -> scores[token, layer] - low_score."""
-    from engramlib.tracing import TraceResult
+    from engramlib.trace_inputs import TraceResult
     r = TraceResult(scores=torch.tensor([[0.1, 0.2], [0.5, 0.9]]), low_score=0.1, high_score=0.95,
                     tokens=["A", "B"], subject_range=(0, 1), answer=" X", kind=None, window=1,
                     noise=1.0)
@@ -242,3 +242,100 @@ def indirect_effect(fn):
     if abs(got - 0.4) > 1e-6:
         _fail(f"expected 0.4 for token 1, layer 0, got {got}")
     _ok("indirect_effect")
+
+
+# --- attribution patching ------------------------------------------------------------------------
+
+def _states_and_grads(mt, inputs) -> tuple:
+    """One forward and one backward pass of `tracing._corrupted_run`'s batch (row 0 clean, rows 1..
+    corrupted). Returns p(answer) per row [1 + S], the block outputs H [1 + S, T, L, d] and
+    G = ∂p_row/∂H [1 + S, T, L, d], row 0's gradient (of the clean run's own p) included."""
+    from engramlib.hooks import TraceDict
+    from engramlib.trace_inputs import _corrupt
+    batch = inputs.ids.expand(inputs.noise_draws.shape[0] + 1, -1)
+    names = [mt.spec.layer.format(l) for l in range(mt.n_layers)]
+
+    def corrupt(h, name):
+        if name != mt.spec.embedding:
+            return h
+        h = _corrupt(h, inputs)
+        return h if h.requires_grad else h.requires_grad_()
+    with torch.enable_grad(), TraceDict(mt.model, [mt.spec.embedding] + names, edit_output=corrupt,
+                                        detach=False) as rec:
+        probs = torch.softmax(mt.model(input_ids=batch).logits[:, -1].float(), -1)[:, inputs.answer_id]
+        grads = torch.autograd.grad(probs.sum(), [rec[n].output for n in names])
+    H = torch.stack([rec[n].output.detach() for n in names], dim=2).float().cpu()
+    return probs.detach().cpu(), H, torch.stack(grads, dim=2).float().cpu()
+
+
+def _exact_trace(mt, inputs) -> torch.Tensor:
+    """[T, L]: p(answer) with each block output restored (the causal trace, one site at a time).
+    Its last entry, the top layer's output at the last token restored, is the clean p(answer)."""
+    T, L = inputs.ids.shape[1], mt.n_layers
+    return torch.tensor([[_row_probs(mt, inputs, {mt.spec.layer.format(l): [t]})[1:].mean().item()
+                          for l in range(L)] for t in range(T)])
+
+
+def attribution_patching(fn, mt=None):
+    """Exercise 6.6: fn(mt, prompt, subject, noise_draws) -> [T, L]: the first-order estimate of
+    p(answer) with block l's output at token t restored, low_score + the mean over the corrupted
+    copies of (h_clean − h_corrupt) · ∂p/∂h_corrupt, from one forward and one backward pass.
+    The answer is the clean run's top prediction."""
+    from engramlib.models import find_subject_range
+    mt = _tinyworld(mt)
+    prompt, subject = "The Space Needle is located in the city of", "Space Needle"
+    start, end = find_subject_range(mt.tokenizer, prompt, subject)
+    draws = _draws(mt, subject, end - start)
+    inputs = _trace_inputs(mt, prompt, subject, draws)
+    T, L = inputs.ids.shape[1], mt.n_layers
+    got = _call(fn, mt, prompt, subject, draws, shape_hint="noise_draws has one row per CORRUPTED copy: "
+                "the batch has len(noise_draws) + 1 rows, row 0 clean")
+    if not torch.is_tensor(got):
+        _fail(f"return a tensor of estimates [tokens, layers] = ({T}, {L}), got {type(got).__name__}")
+    got = got.detach().float().cpu()
+    if got.shape == (L, T) and L != T:
+        _fail(f"got shape ({L}, {T}): one ROW per token and one COLUMN per layer, [T, L] = ({T}, {L})")
+    if got.shape != (T, L):
+        _fail(f"expected shape [tokens, layers] = ({T}, {L}), got {tuple(got.shape)}")
+    probs, H, G = _states_and_grads(mt, inputs)
+    S, low = len(draws), probs[1:].mean().item()
+    delta = H[:1] - H[1:]                                       # [S, T, L, d]: clean minus corrupted
+    effect = (delta * G[1:]).sum(-1).mean(0)                    # [T, L]
+    ref = low + effect
+    tol = 1e-4
+    close = lambda x: (got - x).abs().max().item() < tol
+    if close(ref):
+        print(f"  your estimate equals the library's at every site (max difference "
+              f"{(got - ref).abs().max():.1e}); p(answer) estimated at ({mt.tokenizer.decode(inputs.ids[0, end - 1])!r}, "
+              f"layer 0): {ref[end - 1, 0]:.3f}")
+        _ok("attribution_patching")
+        return
+    if close(torch.full_like(ref, low)) or close(low + G[1:].sum(-1).mean(0)):
+        _fail(f"every estimate is (almost) the corrupted p(answer) ({low:.4f}): the first-order effects "
+              "vanish. Did you sum the gradient over d alone? Multiply it by the step h_clean − h_corrupt "
+              "first (a directional derivative, ∂p/∂h · Δh), then sum: the plain sum is ~0 because every "
+              "block output reaches the answer through a LayerNorm, which ignores the mean over d")
+    if close(effect):
+        _fail(f"your numbers are the first-order EFFECTS; the estimate of p(answer) adds them to the "
+              f"corrupted run's p(answer) (low_score = {low:.4f})")
+    if close(low - effect):
+        _fail("wrong sign: the restoration moves h from corrupted to clean, so the step is "
+              "h_clean − h_corrupt (row 0 minus rows 1..), not h_corrupt − h_clean")
+    if close(low + (H[:1] * G[1:]).sum(-1).mean(0)) or close(low + (H[1:] * G[1:]).sum(-1).mean(0)):
+        _fail("the step must be the DIFFERENCE h_clean − h_corrupt, not one of the two states alone")
+    if close(low + (delta * G[:1]).sum(-1).mean(0)):
+        _fail("you took the gradient at the CLEAN run (row 0); the Taylor expansion is around the "
+              "corrupted run, where the restoration starts: use the gradients of rows 1..")
+    if close(probs.mean().item() + effect * S / (S + 1)) or close(low + effect * S / (S + 1)):
+        _fail("you averaged row 0 (the clean run) in; average over the corrupted copies, rows 1.., only")
+    if start > 0 and (got[:start] == 0).all():
+        _fail(f"the tokens before the subject (0..{start - 1}) are 0; there h_clean = h_corrupt, so the "
+              f"estimate is the corrupted p(answer) ({low:.4f}), not 0")
+    if abs(got[-1, -1].item() - inputs.high_score) < tol and close(_exact_trace(mt, inputs)):
+        _fail("that is the causal trace itself (each state restored exactly, one forward pass per site); "
+              "the exercise asks for its first-order estimate from ONE backward pass")
+    wrong = (got - ref).abs() > tol
+    t, l = [int(i) for i in wrong.nonzero()[0]]
+    _fail(f"(token {t}, layer {l}): got {got[t, l]:.4f}, expected {ref[t, l]:.4f}. Is ∂p/∂h the gradient "
+          "of p(answer) summed over rows 1.. (each row's own gradient), with h the OUTPUT of block l "
+          "(mt.spec.layer), and the answer row 0's top token?")

@@ -5,7 +5,7 @@ import copy
 
 import torch
 
-from engramlib.checks._common import _call, _fail, _ok, bands
+from engramlib.checks._common import _call, _fail, _ok, choice_between
 
 
 def edit_success(fn):
@@ -196,13 +196,13 @@ def neighbour_answer(ns: dict) -> set:
     ('all about the same') when the NS of all methods lie within 10 points (10 included)."""
     best, worst = max(ns.values()), min(ns.values())
     out = {METHOD_CHOICES[name] for name, value in ns.items() if value >= best - 1e-9}
-    return out | ({"d"} if 0 in bands(best - worst, [10.0]) else set())
+    return out | (choice_between(best - worst, [10.0], "dx") - {"x"})
 
 
 def kept_answer(kept: float) -> set:
     """Predict 8.2's right choices from the fraction of unrelated facts kept: 'a' 95 % or more,
     'b' 80-95 %, 'c' 50-80 %, 'd' below 50 % (a value on a boundary counts for both sides)."""
-    return {"dcba"[i] for i in bands(float(kept), [0.5, 0.8, 0.95])}
+    return choice_between(float(kept), [0.5, 0.8, 0.95], "dcba")
 
 
 # What the chapter measures on TinyWorld at full size (ENGRAM_FAST unset, CPU), shown next to a small

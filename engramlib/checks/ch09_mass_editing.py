@@ -19,36 +19,47 @@ def _toy(n_new=3, d_in=6, d_out=4, seed=0):
 
 def mass_update(fn):
     """Exercise 9.1: fn(K, R, C, lam) -> ΔW (d_out, d_in) minimising
-    lam·tr(ΔW C ΔWᵀ) + Σ_i ‖ΔW k_i − r_i‖², i.e. ΔW = Rᵀ K (lam C + KᵀK)⁻¹."""
+    lam·tr(ΔW C ΔWᵀ) + Σ_i ‖ΔW k_i − r_i‖² (the chapter's objective)."""
     K, R, C, _ = _toy()
     lam = 2.0
     got = _call(fn, K.clone(), R.clone(), C.clone(), lam,
-                shape_hint="K is (n, d_in) with one key per ROW; KᵀK is (d_in, d_in), like C")
+                shape_hint="K is (n, d_in) with one key per ROW; the square matrices of the normal equations "
+                           "are (d_in, d_in), like C")
     if not torch.is_tensor(got):
         _fail(f"expected a tensor, got {type(got).__name__}: did you forget to return ΔW?")
     d_out, d_in = R.shape[1], K.shape[1]
     if got.shape == (d_in, d_out):
         _fail(f"expected ΔW of shape (d_out, d_in) = ({d_out}, {d_in}), got its transpose: the update maps "
-              "keys (d_in) to values (d_out), so it is Rᵀ K (...)⁻¹, not (...)⁻¹ Kᵀ R")
+              "keys (d_in) to values (d_out), like W itself")
     if got.shape != (d_out, d_in):
         _fail(f"expected ΔW of shape (d_out, d_in) = ({d_out}, {d_in}), got {tuple(got.shape)}")
+    inv = torch.linalg.inv
     A = lam * C + K.T @ K
-    ref = R.T @ K @ torch.linalg.inv(A)
+    ref = R.T @ K @ inv(A)
     if _close(got, ref, 1e-6):
         _ok("mass_update")
         return
-    if _close(got, R.T @ K @ torch.linalg.inv(C + K.T @ K), 1e-6):
-        _fail("λ is missing: the old keys weigh λC in the normal equations, (λC + KᵀK)")
-    if _close(got, R.T @ K @ torch.linalg.inv(lam * C + K.T @ K / lam), 1e-6) or \
-            _close(got, R.T @ K @ torch.linalg.inv(C + lam * K.T @ K), 1e-6):
-        _fail("λ multiplies the wrong term: it weighs the OLD keys' covariance C, not the new keys")
+    identity = torch.eye(d_in, dtype=torch.float64)
+    if _close(got, R.T @ K @ inv(C + K.T @ K), 1e-6):
+        _fail("λ is missing: your ΔW is the one for λ = 1; the first term of the objective weighs the old keys "
+              "by λ")
+    if _close(got, R.T @ K @ inv(lam * identity + K.T @ K), 1e-6):
+        _fail("your ΔW treats the old keys as if they were spread evenly over all directions (the identity "
+              "where their covariance C belongs): the penalty is how much the OLD keys' outputs move, and "
+              "that depends on the directions they actually use")
+    if _close(got, R.T @ K @ inv(lam * C + K.T @ K / lam), 1e-6) or _close(got, R.T @ K @ inv(C + lam * K.T @ K), 1e-6):
+        _fail("λ multiplies the wrong term: it weighs the OLD keys (the first term of the objective), not the "
+              "new ones")
     if _close(got, R.T @ K @ torch.linalg.pinv(lam * C), 1e-6):
-        _fail("the new keys' own term KᵀK is missing from the inverse: (λC + KᵀK)⁻¹")
+        _fail("the new keys' own term is missing: the second part of the objective also contributes a "
+              "(d_in, d_in) term that multiplies ΔW")
     if _close(got, R.T @ K @ A, 1e-6):
-        _fail("you multiplied by (λC + KᵀK) instead of by its inverse (torch.linalg.solve or inv)")
+        _fail("you multiplied by the (d_in, d_in) matrix of the normal equations instead of by its inverse "
+              "(torch.linalg.solve or inv)")
     fit = (got @ K.T - R.T).norm() / R.norm()
-    _fail(f"values differ from Rᵀ K (λC + KᵀK)⁻¹ (relative misfit on the new keys {fit:.3f}); "
-          "check the order of the products")
+    _fail(f"your ΔW is not the minimiser of the objective (its relative misfit on the new keys is {fit:.3f}; "
+          f"the minimiser's is {(ref @ K.T - R.T).norm() / R.norm():.3f}). Set the gradient to zero again and "
+          "check which side of ΔW each matrix stands on")
 
 
 def alphaedit_update(fn):
@@ -97,13 +108,20 @@ def disabling_steps(fn):
     """Exercise 9.3: fn(n_edits, perplexities, jump) -> the n_edits values after which the perplexity
     is more than `jump` times what it was at the step before (Gupta et al. 2024's disabling edits)."""
     n_edits = [0, 10, 20, 30, 40, 50]
-    ppl = [3.0, 3.1, 6.0, 6.2, 6.2, 20.0]
+    ppl = [3.0, 3.1, 6.0, 6.2, 8.0, 20.0]
     got = _call(fn, list(n_edits), list(ppl), 1.5)
     if got is None:
         _fail("your function returned None: return a list of edit counts")
     got = list(got)
+    if got == [20, 40, 50]:
+        _fail("`jump` is a factor: a jump is a perplexity more than `jump` TIMES the one before, not more than "
+              "`jump` above it (6.2 → 8.0 is a rise of 1.8 but only 1.3-fold)")
     if got == [20, 50]:
-        if list(_call(fn, [0, 1, 2], [3.0, 4.5, 6.75], 1.5)) != []:
+        edge = list(_call(fn, [0, 1, 2], [3.0, 4.5, 6.75], 1.5))
+        if edge == [2]:
+            _fail("`jump` is a factor: a jump is a perplexity more than `jump` TIMES the one before, not more "
+                  "than `jump` above it")
+        if edge != []:
             _fail("a step exactly `jump` times the one before is not a jump: compare with >, not >=")
         if list(_call(fn, [0], [3.0], 1.5)) != []:
             _fail("a single measurement has no jump: return []")
@@ -116,3 +134,30 @@ def disabling_steps(fn):
     if got == [20, 30, 40, 50]:
         _fail("compare each step with the step just before it, not with the first one")
     _fail(f"expected [20, 50] for perplexities {ppl} at {n_edits} edits with jump 1.5, got {got}")
+
+
+def paraphrase_choices(paraphrase: dict, tie: float = 0.03) -> set:
+    """Predict 9.3's right answers from each method's paraphrase accuracy (fractions): the method(s)
+    with the highest one (every tied method counts), and "d" when all are within `tie` of each other."""
+    letters = {"rome": "a", "memit": "b", "alphaedit": "c"}
+    best = max(paraphrase.values())
+    out = {letters[m] for m, v in paraphrase.items() if v >= best - 1e-9}
+    if best - min(paraphrase.values()) <= tie + 1e-9:
+        out.add("d")
+    return out
+
+
+def speed_choices(t_memit: float, t_rome: float, ns_memit: float, ns_rome: float) -> set:
+    """Predict 9.2's right answers from the editing times (seconds) and NS (percent) of one MEMIT batch
+    and of the same edits by ROME in sequence: "c" ROME faster (under 0.8x MEMIT's time), "d" about the
+    same (0.8x to 1.25x), else "a" or "b" by whether MEMIT's NS is within 5 points of ROME's or better.
+    A value on an edge counts for both sides (a tie)."""
+    ratio, gap = t_rome / t_memit, ns_memit - ns_rome
+    out = set()
+    if ratio <= 0.8:
+        out.add("c")
+    if 0.8 <= ratio <= 1.25:
+        out.add("d")
+    if ratio >= 1.25:
+        out |= ({"a"} if gap >= -5 else set()) | ({"b"} if gap <= -5 else set())
+    return out
