@@ -191,13 +191,30 @@ def knowledge_neurons(mt: ModelAndTokenizer, prompt_or_ids, answer: str, k: int 
     """The k neurons (over all layers) with the largest attribution to the answer.
 
     Returns (sites, scores): sites a list of (layer, neuron), best first; scores the attribution of
-    every neuron, [L, m]. (Dai et al. keep the neurons above a fraction of the largest attribution
-    that several prompts of the fact share; plain top-k on one prompt is the simplest version.)"""
+    every neuron, [L, m]. This is the simplest version: top-k at one prompt. Dai et al. (2022) keep,
+    for each of a fact's prompts, the neurons above 0.2 × that prompt's largest attribution, then the
+    neurons shared by at least 70 % of the prompts (the share tuned until a fact has 2-5 of them);
+    github.com/Hunter-DDM/knowledge-neurons, src/2_get_kn.py."""
     scores = torch.stack([neuron_attribution(mt, prompt_or_ids, answer, l, steps, position)
                           for l in range(mt.n_layers)])
     m = scores.shape[1]
     top = scores.flatten().topk(k).indices.tolist()
     return [(i // m, i % m) for i in top], scores
+
+
+def random_sites_like(sites, d_mlp: int, generator: torch.Generator | None = None) -> list:
+    """The control for silencing `sites` [(layer, neuron), ...]: as many random neurons in each layer
+    as `sites` has there, all distinct and none of them in `sites`, so that the two sets differ only in
+    how their neurons were chosen. Returns [(layer, neuron), ...], layer by layer."""
+    chosen = []
+    for layer in sorted({l for l, _ in sites}):
+        taken = {n for l, n in sites if l == layer}
+        need = sum(1 for l, _ in sites if l == layer)
+        free = torch.tensor([n for n in range(d_mlp) if n not in taken], dtype=torch.long)
+        if len(free) < need:
+            raise ValueError(f"layer {layer} has {len(free)} neurons outside the sites, {need} are needed")
+        chosen += [(layer, int(n)) for n in free[torch.randperm(len(free), generator=generator)[:need]]]
+    return chosen
 
 
 @contextlib.contextmanager

@@ -137,3 +137,49 @@ def test_neuron_attribution(tinyworld, gpt2_standin, capsys):
     expect(check, _attribution(space=False), "leading space")
     expect(check, _attribution(position=None), "one score per neuron")
     expect(check, lambda mt, p, ans, layer: lens.mlp_activations(mt, p, layer)[-1, :mt.model.config.n_embd], "INPUT of c_proj")
+
+
+def _control(layers="same", replace=False, avoid=True, seeded=True):
+    """Exercise 5.5's control, with switches for the typical mistakes."""
+    def fn(sites, d_mlp, generator):
+        gen = generator if seeded else torch.Generator().manual_seed(0)
+        L = max(l for l, _ in sites) + 1
+        out = []
+        for l, _ in sites:
+            layer = l if layers == "same" else int(torch.randint(L, (1,), generator=gen))
+            taken = {n for k, n in sites if k == layer} | ({n for k, n in out if k == layer} if not replace else set())
+            free = [n for n in range(d_mlp) if not (avoid and n in taken) and (replace or (layer, n) not in out)]
+            out.append((layer, free[int(torch.randint(len(free), (1,), generator=gen))]))
+        return out
+    return fn
+
+
+def test_random_control(capsys):
+    from engramlib import lens
+    checks.random_control(lens.random_sites_like)
+    checks.random_control(_control())
+    assert capsys.readouterr().out.count("✓") == 2
+    expect(checks.random_control, _control(layers="uniform"), "same count per layer|a fair control keeps the layers")
+    expect(checks.random_control, _control(replace=True), "appear twice")
+    expect(checks.random_control, _control(avoid=False), "includes attributed neurons")
+    expect(checks.random_control, _control(seeded=False), "same neurons")
+    expect(checks.random_control, lambda sites, d, g: [(l, (n + 1) % d) for l, n in sites], "appear twice|attributed|same neurons")
+    expect(checks.random_control, lambda sites, d, g: sites[:-1], "need 7 control neurons")
+
+
+def test_chapter_05_reveals_count_ties_and_boundaries():
+    # 5.1: blocks tied for the largest drop count for each of their thirds; a drop below 0.05 is "none"
+    assert checks.zeroing_answer(0.8, [0.2, 0.7, 0.75, 0.79, 0.8, 0.8]) == {"a"}
+    assert checks.zeroing_answer(0.8, [0.2, 0.7, 0.75, 0.2, 0.8, 0.8]) == {"a", "b"}        # a tie
+    assert checks.zeroing_answer(0.8, [0.79, 0.8, 0.78, 0.8, 0.8, 0.8]) == {"d"}
+    assert checks.zeroing_answer(0.8, [0.8, 0.8, 0.8, 0.8, 0.8, 0.75]) == {"c", "d"}         # drop = 0.05
+    # 5.2: a block at exactly one half counts for both readings of "more than half"
+    assert checks.lens_answer([0.0, 0.2, 0.4, 0.7, 0.9, 1.0]) == {"c"} and checks.lens_answer([0.0, 0.6, 1.0, 1.0]) == {"b"}
+    assert checks.lens_answer([0.0, 0.5, 0.5, 0.7, 0.9, 1.0]) == {"b", "c"}
+    assert checks.lens_answer([0.8, 0.9, 1.0]) == {"a"} and checks.lens_answer([0.1, 0.2, 1.0]) == {"d"}
+    # 5.3: a value on a boundary belongs to both choices
+    assert checks.silencing_answer(0.8, 0.05) == {"a"} and checks.silencing_answer(0.8, 0.7) == {"c"}
+    assert checks.silencing_answer(0.8, 0.6) == {"b", "c"} and checks.silencing_answer(0.8, 0.1) == {"a", "b"}
+    # the full-size measurements a small run shows: a text and the choices they make right
+    for key, (text, answers) in checks.FULL_SIZE_05.items():
+        assert text and answers and answers <= {"a", "b", "c", "d"}, key

@@ -345,11 +345,45 @@ def test_edit_scores_records_tell_the_mistakes_apart(tinyworld):
     assert abs(flipped["NS"] - ref["NS"]) > 1
 
 
-def test_harmonic_score(capsys):
-    checks.harmonic_score(lambda a, b, c: 0.0 if min(a, b, c) <= 0 else 3 / (1 / a + 1 / b + 1 / c))
-    assert "✓" in capsys.readouterr().out
-    expect(checks.harmonic_score, lambda a, b, c: (a + b + c) / 3, "HARMONIC")
-    expect(checks.harmonic_score, lambda a, b, c: 3 / (1 / a + 1 / b + 1 / c), "dividing by zero")
+def test_combined_score(capsys):
+    harmonic = lambda a, b, c: 0.0 if min(a, b, c) <= 0 else 3 / (1 / a + 1 / b + 1 / c)
+    geometric = lambda a, b, c: (a * b * c) ** (1 / 3)
+    checks.combined_score(harmonic)
+    checks.combined_score(geometric)                       # another design with the four properties
+    out = capsys.readouterr().out
+    assert out.count("✓") == 2 and "25.0" in out           # the paper's S(100, 100, 10) is shown
+    expect(checks.combined_score, lambda a, b, c: (a + b + c) / 3, "buy a failure")
+    expect(checks.combined_score, lambda a, b, c: 0.4 * a + 0.2 * b + 0.4 * c, "breaks every neighbour")
+    expect(checks.combined_score, lambda a, b, c: min(a, b, c), "no credit")
+    expect(checks.combined_score, lambda a, b, c: 3 / (1 / a + 1 / b + 1 / c), "divides by zero")
+    expect(checks.combined_score, lambda a, b, c: a * b * c, "plain product")
+    expect(checks.combined_score, lambda a, b, c: harmonic(a, b, c) / 100, "percent")
+    expect(checks.combined_score, lambda a, b, c: max(a, b, c) if min(a, b, c) else 0.0, "buy a failure")
+
+
+def test_chapter_08_reveals_count_ties_and_boundaries(capsys):
+    from engramlib.checks import _common
+    # 8.1: a tie for the best NS counts for every tied method; within 10 points "all about the same" too
+    assert checks.neighbour_answer({"ROME": 80.0, "naive (C = I)": 40.0, "FT (one layer)": 30.0}) == {"a"}
+    assert checks.neighbour_answer({"ROME": 100.0, "naive (C = I)": 100.0, "FT (one layer)": 50.0}) == {"a", "b"}
+    assert checks.neighbour_answer({"ROME": 90.0, "naive (C = I)": 85.0, "FT (one layer)": 80.0}) == {"a", "d"}
+    assert checks.neighbour_answer({"ROME": 75.0, "naive (C = I)": 75.0, "FT (one layer)": 75.0}) == {"a", "b", "c", "d"}
+    # 8.2: a share on a boundary belongs to both choices
+    assert checks.kept_answer(0.97) == {"a"} and checks.kept_answer(0.95) == {"a", "b"}
+    assert checks.kept_answer(0.8) == {"b", "c"} and checks.kept_answer(0.3) == {"d"}
+    # a small run shows the full-size measurement, and the full-size answer counts too
+    _common.PREDICTIONS.clear()
+    checks.predict("t", "?", {"a": "x", "b": "y", "c": "z"}, answer="b")
+    capsys.readouterr()
+    checks.reveal("t", "50 %", "why", correct={"a", "b"})
+    checks.reveal("t", "50 %", "why", correct="a", full_size=("40 edits: 90 %", {"b"}))
+    checks.reveal("t", "50 %", "why", correct="a")
+    checks.reveal("t", "50 %", "why", correct="c", full_size=("40 edits: 90 %", "a"))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("✓; measured: 50 %") and lines[2].endswith("✓; measured: 50 %")
+    assert "at full size: 40 edits: 90 %" in lines[3]
+    assert "(answer: 'a')" in lines[5] and "(answer: 'a' or 'c')" in lines[7]
+    _common.PREDICTIONS.clear()
 
 
 def attribute(mt, prompt, subject, noise_draws, *, step="delta", grad_at="corrupted", add_low=True,

@@ -249,3 +249,17 @@ def test_kl_divergence():
     assert lens.kl_divergence(p, p).item() == 0
     assert lens.kl_divergence(q, p).item() == float("inf")          # q puts mass where p has none
     assert lens.kl_divergence(torch.stack([p, q]), torch.stack([q, q])).shape == (2,)
+
+
+def test_random_sites_like_matches_the_layers_and_avoids_the_sites():
+    sites = [(0, 1), (0, 2), (0, 5), (2, 0), (3, 3), (3, 4)]
+    seen = set()
+    for seed in range(10):
+        got = lens.random_sites_like(sites, 6, torch.Generator().manual_seed(seed))
+        assert sorted(l for l, _ in got) == sorted(l for l, _ in sites)       # the same count per layer
+        assert len(set(got)) == len(got) and not set(got) & set(sites)       # distinct, none attributed
+        assert all(0 <= n < 6 for _, n in got)
+        seen.add(tuple(got))
+    assert len(seen) > 1                                                      # a random draw
+    with pytest.raises(ValueError, match="neurons outside the sites"):
+        lens.random_sites_like([(0, n) for n in range(4)], 6)

@@ -90,17 +90,23 @@ def predict(key: str, question: str, choices: dict | None = None, answer=None) -
     print(f"→ recorded: {PREDICTIONS[key]!r}. Now run the experiment.")
 
 
-def reveal(key: str, measured, explanation: str, correct=None) -> None:
+def reveal(key: str, measured, explanation: str, correct=None, full_size: tuple | None = None) -> None:
     """After the experiment: print the prediction (if any), what was measured, and the explanation.
     correct: the right choice (multiple choice), a set of them (ties: each tied choice counts), or
-    None when only the number matters."""
+    None when only the number matters.
+    full_size: for a small (FAST) run, (what the full-size run measured, its right choices): printed
+    next to this run's number, and its choices count too, so a small sample never marks wrong what
+    the full-size result says."""
     guess = PREDICTIONS.get(key)
     said = "no prediction recorded" if guess is None else f"you predicted {guess!r}"
-    right = set(correct) if isinstance(correct, (set, frozenset, list, tuple)) else {correct}
+    as_set = lambda c: set(c) if isinstance(c, (set, frozenset, list, tuple)) else {c}
+    right = as_set(correct) | (as_set(full_size[1]) if full_size and correct is not None else set())
     shown = " or ".join(repr(c) for c in sorted(right, key=str))
     verdict = "" if correct is None or guess is None else \
         " (the measurement cannot decide)" if not right else (" ✓" if guess in right else f" (answer: {shown})")
     print(f"Predict {key}: {said}{verdict}; measured: {measured}")
+    if full_size:
+        print(f"  (a small run; at full size: {full_size[0]})")
     print(explanation)
 
 

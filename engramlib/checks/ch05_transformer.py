@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from engramlib.checks._common import _call, _fail, _ok
+from engramlib.checks._common import _call, _fail, _ok, choice_between
 
 
 def _as_tensor(got, what: str, ndim: int) -> torch.Tensor:
@@ -259,3 +259,88 @@ def neuron_attribution(fn, mt=None):
         _fail("wrong answer token: GPT-2 predicts ' ' + answer, with its leading space; use "
               "first_token_id(mt, answer)")
     _fail("values differ from a_i · ∂ log P(answer | prompt) / ∂a_i at the last token")
+
+
+def random_control(fn):
+    """Exercise 5.5: fn(sites, d_mlp, generator) -> the neurons to silence as the control for the
+    attributed `sites` [(layer, neuron), ...]: as many random neurons, in the same layers (the same
+    count per layer), all distinct and none of them an attributed neuron."""
+    from collections import Counter
+    sites = [(0, 1), (0, 2), (0, 5), (0, 6), (2, 0), (3, 3), (3, 4)]      # 4 neurons of layer 0 out of 8
+    d_mlp, draws = 8, []
+    for seed in range(20):
+        got = _call(fn, list(sites), d_mlp, torch.Generator().manual_seed(seed),
+                    shape_hint="return a list of (layer, neuron) pairs")
+        try:
+            got = [(int(l), int(n)) for l, n in got]
+        except (TypeError, ValueError):
+            _fail(f"return a list of (layer, neuron) pairs like the sites, got {got!r}")
+        draws.append(got)
+        if len(got) != len(sites):
+            _fail(f"{len(sites)} attributed neurons need {len(sites)} control neurons, got {len(got)}: "
+                  "the control must silence as many neurons as the experiment")
+        if any(not 0 <= n < d_mlp for _, n in got):
+            _fail(f"a neuron index outside 0..{d_mlp - 1}: draw from the layer's {d_mlp} neurons")
+        if Counter(l for l, _ in got) != Counter(l for l, _ in sites):
+            _fail(f"per layer, the attributed neurons are {dict(sorted(Counter(l for l, _ in sites).items()))} "
+                  f"but your control has {dict(sorted(Counter(l for l, _ in got).items()))}: a neuron's "
+                  "layer alone changes how much silencing it can hurt (a late neuron at the last token acts "
+                  "almost directly on the output), so a fair control keeps the layers and varies only the "
+                  "choice within each layer")
+        if len(set(got)) < len(got):
+            _fail("some neurons appear twice in your control, so it silences fewer DISTINCT neurons than the "
+                  "experiment does and looks harmless for that reason alone; draw without replacement")
+        if set(got) & set(sites):
+            _fail(f"your control includes attributed neurons {sorted(set(got) & set(sites))}: then it is "
+                  "partly the experiment itself; draw only among the neurons that were not attributed")
+    if len({tuple(sorted(d)) for d in draws}) == 1:
+        _fail("every generator gave the same neurons: the control must be a random draw (use the generator "
+              "you are given), or it tests one arbitrary choice instead of 'any neurons of these layers'")
+    _ok("random_control")
+
+
+# --- the answers of the chapter's predictions: a tie or a boundary value counts for every side -------
+
+def zeroing_answer(p_clean: float, p_zeroed, tie: float = 0.005) -> set:
+    """Predict 5.1's right choices. p_clean: mean P(object) of the clean run; p_zeroed: [L] mean
+    P(object) with block l's MLP zeroed. Blocks within `tie` of the lowest are tied: each one's third
+    of the depth counts ('a' first, 'b' middle, 'c' last third), and 'd' when the largest drop is
+    below 0.05 (both when it is on that boundary)."""
+    p = torch.as_tensor(p_zeroed, dtype=torch.float64).flatten()
+    L, drop = len(p), float(p_clean) - p.min().item()
+    out = choice_between(drop, [0.05], "dx")                 # x: some block matters
+    if "x" in out:
+        out |= {"abc"[min(2, int(3 * l // L))] for l in (p <= p.min() + tie).nonzero().flatten().tolist()}
+    return out - {"x"}
+
+
+def lens_answer(top1) -> set:
+    """Predict 5.2's right choices from the fraction of facts whose object is the lens's top-1 after
+    each block, [L]: the part of the network where that fraction first exceeds one half. A block at
+    exactly one half is a tie: the choices of both readings count."""
+    top1 = [float(x) for x in top1]
+    L = len(top1)
+
+    def choice(first):
+        return "a" if first == 0 else "d" if first >= L - 1 else "b" if first < L / 2 else "c"
+    strict = next((l for l, x in enumerate(top1) if x > 0.5), L)
+    loose = next((l for l, x in enumerate(top1) if x >= 0.5), L)
+    return {choice(strict), choice(loose)}
+
+
+def silencing_answer(p_before: float, p_after: float) -> set:
+    """Predict 5.3's right choices: 'a' P(object) below 0.1 after silencing, 'b' below three quarters
+    of its value before, 'c' above that (a value on a boundary counts for both sides)."""
+    return choice_between(float(p_after), sorted([0.1, 0.75 * float(p_before)]), "abc")
+
+
+# What the chapter measures on TinyWorld at full size (ENGRAM_FAST unset, CPU), shown next to a small
+# run's numbers by the reveals, whose right choices count too: (measurement, right choices). Measured
+# with `jupyter nbconvert --execute solutions/05_inside_the_transformer.ipynb` (model unset, no GPU).
+FULL_SIZE_05 = {
+    "5.1": ("50 facts: block 0 of 8, P(object) 0.998 → 0.484", {"a"}),
+    "5.2": ("200 facts: top-1 after each block 0 %, 29 %, 64 %, 77 %, 89 %, 93 %, 100 %, 100 %",
+            lens_answer([0.0, 0.29, 0.64, 0.77, 0.89, 0.93, 1.0, 1.0])),
+    "5.3": ("40 facts: P(object) 0.998 → 0.992 with 10 neurons silenced, → 0.631 with 100 (100 random: 0.998)",
+            silencing_answer(0.998, 0.992)),
+}
