@@ -306,8 +306,7 @@ def attribution_patching(fn, mt=None):
     close = lambda x: (got - x).abs().max().item() < tol
     if close(ref):
         print(f"  your estimate equals the library's at every site (max difference "
-              f"{(got - ref).abs().max():.1e}); p(answer) estimated at ({mt.tokenizer.decode(inputs.ids[0, end - 1])!r}, "
-              f"layer 0): {ref[end - 1, 0]:.3f}")
+              f"{(got - ref).abs().max():.1e}); Predict 6.3 asks how close it comes to the trace")
         _ok("attribution_patching")
         return
     if close(torch.full_like(ref, low)) or close(low + G[1:].sum(-1).mean(0)):

@@ -233,7 +233,7 @@ def colleague_update(W, k_star, k_write, delta, C_inv):
 UPDATE_BUG_CHOICES = {
     "a": "the direction: u must be C⁻¹ times k_write, the key that is written, not C⁻¹k*",
     "b": "the side of C⁻¹: it belongs on δ, the change of the value, not on the key",
-    "c": "the normaliser: the division makes the wrong key recall v*",
+    "c": "the normaliser: the division is taken at the wrong key",
     "d": "δ: it must be recomputed as the residual at k*, v* − W k*",
 }
 
