@@ -7,6 +7,7 @@ import torch
 from engramlib import checks, memory as M
 from engramlib.hooks import Trace, TraceDict
 from engramlib.models import find_subject_range
+from engramlib.rome import rome_weight_update
 
 
 def expect(check, fn, message):
@@ -454,3 +455,144 @@ def test_attribution_patching_check_matches_the_library(tinyworld):
     lib_inputs, low, grids = _attribution_grids(tinyworld, inputs, None)
     assert lib_inputs.answer_id == inputs.answer_id
     torch.testing.assert_close(ours, low + grids[None], atol=1e-5, rtol=0)
+
+
+# --- issue 26: the decision exercises of chapters 06 and 07, and the reveals' answers -----------
+
+def test_choose_edit_layer(capsys):
+    from engramlib.checks.ch06_tracing import LAYER_CHOICE_TRACE, supported_layers
+    right = "mlp @ last subject token"
+    assert supported_layers(LAYER_CHOICE_TRACE[right], LAYER_CHOICE_TRACE["corrupted p"]) == {3, 4, 5}
+    for layer in (3, 4, 5):                                   # the plateau, not only the argmax
+        checks.choose_edit_layer(layer, right)
+        assert "✓" in capsys.readouterr().out
+    checks.choose_edit_layer(4, " MLP @ Last Subject Token ")          # spacing and case do not matter
+    assert "✓" in capsys.readouterr().out
+    choose = lambda args: checks.choose_edit_layer(*args)
+    expect(choose, (1, "hidden @ last subject token"), "whole residual stream")      # the hidden-state peak
+    expect(choose, (11, "hidden @ last token"), "restoring the answer itself")       # the last layer's state
+    expect(choose, (8, "mlp @ last token"), "last subject token")                    # the answer's token
+    expect(choose, (7, "attn @ last token"), "where the answer is assembled")
+    expect(choose, (3, "attn @ last subject token"), "does not edit attention")
+    expect(choose, (0, right), "where the noise went in")                            # the embedding
+    expect(choose, (11, right), "too late")                                          # the last layer
+    expect(choose, (1, right), "HIDDEN STATE")                                       # right row, hidden peak
+    expect(choose, (8, right), "LAST token")                                         # right row, last token's MLP
+    expect(choose, (6, right), "at its peak")                                        # beside the plateau
+    expect(choose, (4, "the MLPs"), "one row")
+    expect(choose, (12, right), "layers 0 to 11")
+
+
+def test_answer_6_1_counts_ties_for_every_tied_token():
+    s, e = 1, 3                                                        # subject tokens 1, 2; 5 tokens
+    assert checks.answer_6_1([0.1, 0.2, 0.9, 0.1, 0.7], s, e) == {"b"}
+    assert checks.answer_6_1([0.1, 0.9, 0.9, 0.1, 0.7], s, e) == {"a", "b"}
+    assert checks.answer_6_1([0.1, 0.2, 0.9, 0.1, 0.9], s, e) == {"b", "d"}
+    assert checks.answer_6_1([0.1, 0.2, 0.5, 0.9, 0.7], s, e) == {"c"}
+
+
+def test_answer_6_2_bands_and_ties():
+    assert checks.answer_6_2(0.52, 0.06) == {"b"}                      # TinyWorld, 60 facts (full size)
+    assert checks.answer_6_2(0.57, 0.11) == {"b"}                      # TinyWorld, 12 facts (FAST)
+    assert checks.answer_6_2(0.30, 0.28) == {"c"}
+    assert checks.answer_6_2(0.10, 0.30) == {"a"}
+    assert checks.answer_6_2(0.30, 0.25) == {"b", "c"}                 # exactly the margin: a tie
+    assert checks.answer_6_2(0.25, 0.30) == {"a", "c"}
+
+
+def test_answer_6_3_sites_gaps_and_ties():
+    ref = torch.tensor([[0.1, 0.1], [0.9, 0.3], [0.2, 0.6]])
+    assert checks.answer_6_3(ref, ref + torch.tensor([[0., 0.], [0.02, 0.], [0., 0.]])) == {"a"}
+    assert checks.answer_6_3(ref, ref + torch.tensor([[0., 0.], [0.26, 0.], [0., 0.]])) == {"b"}
+    assert checks.answer_6_3(ref, ref + torch.tensor([[0., 0.], [0.05, 0.], [0., 0.]])) == {"a", "b"}
+    assert checks.answer_6_3(ref, torch.tensor([[0.1, 0.1], [0.3, 0.3], [0.2, 0.8]])) == {"c"}
+    tied = torch.tensor([[0.1, 0.1], [0.9, 0.3], [0.2, 0.9]])          # the trace ties on two sites
+    assert checks.answer_6_3(tied, torch.tensor([[0.1, 0.1], [0.5, 0.3], [0.2, 0.98]])) == {"b"}
+    assert checks.answer_6_3(tied, torch.tensor([[0.1, 0.1], [0.9, 0.3], [0.2, 0.9]])) == {"a"}
+    # sites before the subject are left out: a larger value there does not count as the top site
+    assert checks.answer_6_3(ref, torch.tensor([[0.99, 0.1], [0.9, 0.3], [0.2, 0.6]]), start=1) == {"a"}
+
+
+def test_answer_6_3_at_the_fast_and_full_size_of_tinyworld():
+    """The Space Needle's top MLP site (the last subject token, MLP 0) measured on TinyWorld: the
+    trace 0.950 and the estimate 1.012 at FAST size (5 noise samples), 0.938 and 1.194 at full size
+    (10): the same answer, the same site off by more than 0.05."""
+    for trace_top, estimate_top in ((0.950, 1.012), (0.938, 1.194)):
+        ref = torch.tensor([[0.1, 0.1], [trace_top, 0.2], [0.3, 0.1]])
+        est = ref.clone()
+        est[1, 0] = estimate_top
+        assert checks.answer_6_3(ref, est) == {"b"}
+    assert checks.choice_between(0.26, (0.05,), "ab") == {"b"}         # what the FAST reveal falls back on
+
+
+def fixed_update(W, k_star, k_write, delta, C_inv):
+    u = C_inv @ k_star
+    return W + torch.outer(delta, u) / (u @ k_write)
+
+
+def test_find_update_bug(capsys):
+    from engramlib.checks.ch07_rome import colleague_update
+    checks.find_update_bug("c", fixed_update)
+    assert "✓" in capsys.readouterr().out
+    checks.find_update_bug(" C ", rome_weight_update)                   # the library's own update passes
+    assert "✓" in capsys.readouterr().out
+    bug = lambda letter: lambda fn: checks.find_update_bug(letter, fn)
+    expect(bug("a"), fixed_update, "direction is right")
+    expect(bug("b"), fixed_update, "describes the KEYS")
+    expect(bug("d"), fixed_update, "already the residual")
+    expect(bug("e"), fixed_update, "one of a, b, c, d")
+    fix = bug("c")
+    expect(fix, colleague_update, "colleague's update unchanged")
+
+    def in_place(W, k_star, k_write, delta, C_inv):
+        W += fixed_update(W, k_star, k_write, delta, C_inv) - W
+        return W
+    expect(fix, in_place, "in place")
+    expect(fix, lambda W, ks, kw, d, Ci: fixed_update(W, ks, kw, d, Ci) - W, "only the change")
+
+    def from_k_write(W, k_star, k_write, delta, C_inv):
+        u = C_inv @ k_write
+        return W + torch.outer(delta, u) / (u @ k_write)
+    expect(fix, from_k_write, "direction changed")
+
+    def naive(W, k_star, k_write, delta, C_inv):
+        return W + torch.outer(delta, k_star) / (k_star @ k_write)
+    expect(fix, naive, "C⁻¹ is gone")
+
+    def with_C(W, k_star, k_write, delta, C_inv):
+        C = torch.linalg.inv(C_inv)
+        return fixed_update(W, k_star, k_write, delta, C)
+    expect(fix, with_C, "C where C⁻¹ belongs")
+
+    def by_u_norm(W, k_star, k_write, delta, C_inv):
+        u = C_inv @ k_star
+        return W + torch.outer(delta, u) / (u @ u)
+    expect(fix, by_u_norm, "factor in front of δ")
+    expect(fix, lambda W, ks, kw, d, Ci: fixed_update(W, ks, kw, d, Ci).T, "W's shape")
+
+
+def test_colleague_update_is_exact_when_the_keys_agree():
+    """The bug shows only where k_write ≠ k*: that is the symptom exercise 7.5 starts from."""
+    from engramlib.checks.ch07_rome import _update_case, colleague_update
+    W, k_star, k_write, delta, C, C_inv = _update_case()
+    assert torch.allclose(colleague_update(W, k_star, k_star, delta, C_inv),
+                          rome_weight_update(W, k_star, k_star, delta, C_inv))
+    assert not torch.allclose(colleague_update(W, k_star, k_write, delta, C_inv) @ k_write,
+                              W @ k_write + delta, atol=1e-3)
+
+
+def test_answer_7_1_bands_and_ties():
+    assert checks.answer_7_1(15.7) == {"c"}                            # TinyWorld, 60 other facts (FAST)
+    assert checks.answer_7_1(14.8) == {"c"}                            # TinyWorld, 200 (full size)
+    assert checks.answer_7_1(1.5) == {"a"}
+    assert checks.answer_7_1(5.0) == {"b"}
+    assert checks.answer_7_1(2.0) == {"a", "b"}
+    assert checks.answer_7_1(10.0) == {"b", "c"}
+
+
+def test_answer_7_2():
+    assert checks.answer_7_2(" Rome", " Paris") == {"a"}
+    assert checks.answer_7_2("Rome", "Rome") == {"b"}
+    assert checks.answer_7_2("Paris", "Rome") == {"c"}
+    assert checks.answer_7_2("London", "Paris") == {"d"}
+    assert checks.answer_7_2("Rome", "London") == {"d"}

@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from engramlib.checks._common import _call, _fail, _ok
+from engramlib.checks._common import _call, _fail, _ok, choice_between
 
 
 def _tinyworld(mt):
@@ -306,8 +306,7 @@ def attribution_patching(fn, mt=None):
     close = lambda x: (got - x).abs().max().item() < tol
     if close(ref):
         print(f"  your estimate equals the library's at every site (max difference "
-              f"{(got - ref).abs().max():.1e}); p(answer) estimated at ({mt.tokenizer.decode(inputs.ids[0, end - 1])!r}, "
-              f"layer 0): {ref[end - 1, 0]:.3f}")
+              f"{(got - ref).abs().max():.1e}); Predict 6.3 asks how close it comes to the trace")
         _ok("attribution_patching")
         return
     if close(torch.full_like(ref, low)) or close(low + G[1:].sum(-1).mean(0)):
@@ -339,3 +338,123 @@ def attribution_patching(fn, mt=None):
     _fail(f"(token {t}, layer {l}): got {got[t, l]:.4f}, expected {ref[t, l]:.4f}. Is ∂p/∂h the gradient "
           "of p(answer) summed over rows 1.. (each row's own gradient), with h the OUTPUT of block l "
           "(mt.spec.layer), and the answer row 0's top token?")
+
+
+# --- exercise 6.7: choose the layer to edit ----------------------------------------------------
+
+LAYER_CHOICE_ROWS = ("hidden @ last subject token", "mlp @ last subject token", "attn @ last subject token",
+                     "hidden @ last token", "mlp @ last token", "attn @ last token")
+
+# A made-up trace of one fact on a 12-layer model (not a measurement): p(answer) with one state
+# restored, per layer; MLP and attention rows restore a window of 3 layers centred on the layer.
+# Its shape follows Meng et al. (2022, Fig. 1, GPT-2 XL): early hidden states and the MLPs of the
+# middle layers at the last subject token, late hidden states at the last token.
+LAYER_CHOICE_TRACE = {
+    "clean p": 0.62, "corrupted p": 0.05,
+    "hidden @ last subject token": [0.50, 0.53, 0.52, 0.50, 0.47, 0.41, 0.30, 0.17, 0.09, 0.06, 0.05, 0.05],
+    "mlp @ last subject token":    [0.09, 0.13, 0.19, 0.27, 0.31, 0.29, 0.20, 0.11, 0.07, 0.06, 0.05, 0.05],
+    "attn @ last subject token":   [0.05, 0.06, 0.06, 0.07, 0.07, 0.06, 0.06, 0.05, 0.05, 0.05, 0.05, 0.05],
+    "hidden @ last token":         [0.05, 0.05, 0.05, 0.06, 0.07, 0.09, 0.16, 0.30, 0.45, 0.55, 0.60, 0.62],
+    "mlp @ last token":            [0.05, 0.05, 0.05, 0.05, 0.06, 0.07, 0.09, 0.13, 0.16, 0.14, 0.10, 0.08],
+    "attn @ last token":           [0.05, 0.05, 0.05, 0.06, 0.08, 0.13, 0.21, 0.24, 0.19, 0.11, 0.07, 0.06],
+}
+
+
+def supported_layers(row, low: float, share: float = 0.8) -> set:
+    """The layers a trace row supports as its peak: those whose indirect effect (score − low) is at
+    least `share` of the row's largest effect (a plateau, not only the argmax)."""
+    effects = [x - low for x in row]
+    top = max(effects)
+    return {layer for layer, x in enumerate(effects) if x >= share * top - 1e-12}
+
+
+def choose_edit_layer(layer, evidence, table=None):
+    """Exercise 6.7: layer -> the layer ROME should edit for the fact of `LAYER_CHOICE_TRACE`;
+    evidence -> the row of the table that justifies it (one of LAYER_CHOICE_ROWS). Accepts every
+    layer where that row's effect is within 80 % of its peak; explains the rows and layers that
+    answer another question (the embedding, the hidden state, the last token, the answer itself)."""
+    table = table or LAYER_CHOICE_TRACE
+    low, high = table["corrupted p"], table["clean p"]
+    evidence = str(evidence).strip().lower()
+    if evidence not in LAYER_CHOICE_ROWS:
+        _fail(f"evidence must name one row of the table: one of {', '.join(map(repr, LAYER_CHOICE_ROWS))}; "
+              f"got {evidence!r}")
+    try:
+        layer = int(layer)
+    except (TypeError, ValueError):
+        _fail(f"layer must be a layer number, 0 to {len(table[evidence]) - 1}; got {layer!r}")
+    n_layers = len(table[evidence])
+    if not 0 <= layer < n_layers:
+        _fail(f"the model has layers 0 to {n_layers - 1}; got {layer}")
+    right = "mlp @ last subject token"
+    peak = lambda row: max(range(n_layers), key=lambda l: table[row][l])
+    if evidence.startswith("hidden") and evidence.endswith("subject token"):
+        _fail("the hidden state is the whole residual stream: restoring it at the last subject token hands "
+              "back the clean embeddings and everything every earlier module wrote there, so it is bright "
+              "from layer 0 on. It shows where the subject's information IS, not which weights turn it into "
+              "the fact. ROME rewrites the weights of one MLP: read the row of that kind of module")
+    if evidence.endswith("@ last token"):
+        _fail(f"the last token is where the answer is assembled and read out, after the subject's information "
+              f"has been moved there; ROME writes under the subject's KEY, which the MLP computes at the last "
+              f"subject token. Read a row of the last subject token"
+              + (f" (restoring the last token's top hidden state gives back the clean p = {high:.2f}: that "
+                 "is restoring the answer itself)" if evidence.startswith("hidden") else ""))
+    if evidence.startswith("attn"):
+        _fail("attention moves information between tokens; its effect at the last subject token is small "
+              "here, and ROME does not edit attention weights: it treats an MLP's output matrix as a "
+              "key → value memory. Read that module's row")
+    good = supported_layers(table[right], low)
+    if layer in good:
+        span = f"{min(good)}-{max(good)}" if len(good) > 1 else str(min(good))
+        print(f"  layer {layer}: restoring the MLPs there brings p(answer) from {low:.2f} to "
+              f"{table[right][layer]:.2f}; the row supports layers {span} (within 80 % of its peak effect)")
+        _ok("choose_edit_layer")
+        return
+    diagnosis = {0: "layer 0 is where the noise went in (the embeddings), not where the fact is looked up: "
+                    f"the MLP row there is weak ({table[right][0]:.2f})",
+                 n_layers - 1: "the last layer is too late: by then the subject's information has left the "
+                               f"subject's token (the MLP row there is {table[right][-1]:.2f}, the corrupted "
+                               "run's value)"}
+    others = {peak("hidden @ last subject token"): "that is where the HIDDEN STATE at the last subject token "
+                                                   "peaks, not the MLP row you named",
+              peak("mlp @ last token"): "that is the peak of the MLPs at the LAST token, not at the last subject token",
+              peak("attn @ last token"): "that is the peak of the attention at the last token"}
+    if layer in diagnosis:
+        _fail(f"layer {layer}: {diagnosis[layer]}. Where does the row you named peak?")
+    if layer in others:
+        _fail(f"layer {layer}: {others[layer]}. Read the peak off the MLP row of the last subject token")
+    _fail(f"layer {layer}: the MLP row of the last subject token gives {table[right][layer]:.2f} there, "
+          f"against {max(table[right]):.2f} at its peak; choose a layer where restoring those MLPs brings "
+          "back (nearly) the most")
+
+
+# --- the predictions' answers (ties count for every tied choice) -------------------------------
+
+def answer_6_1(best, start: int, end: int, tol: float = 1e-9) -> set:
+    """Predict 6.1's right choice(s): `best` [tokens] is the best MLP restoration at each token, the
+    subject at tokens start..end-1. Every token within tol of the maximum counts (a tie)."""
+    best = [float(x) for x in best]
+    top = max(best)
+    letter = lambda t: "a" if t == start else "b" if t == end - 1 else "d" if t == len(best) - 1 else "c"
+    return {letter(t) for t, x in enumerate(best) if x >= top - tol}
+
+
+def answer_6_2(mlp_last: float, mlp_first: float, margin: float = 0.05) -> set:
+    """Predict 6.2's right choice(s): c when the best MLP effects at the first and last subject token
+    differ by less than `margin`, else the larger; a difference of exactly `margin` counts for both."""
+    return choice_between(mlp_last - mlp_first, (-margin, margin), "acb")
+
+
+def answer_6_3(reference, estimate, start: int = 0, gap: float = 0.05, tol: float = 1e-6) -> set:
+    """Predict 6.3's right choice(s) from two [tokens, layers] maps (the trace and its estimate),
+    compared from the subject's first token on: a/b when the estimate's largest value sits on a site
+    where the trace is largest (a: within `gap` of it, b: further; a gap of exactly `gap` counts for
+    both), c when it sits elsewhere. Tied maxima count for every site they tie on; `tol` absorbs
+    float32 rounding (the maps are probabilities)."""
+    ref, est = torch.as_tensor(reference)[start:].double(), torch.as_tensor(estimate)[start:].double()
+    top_ref = {tuple(map(int, s)) for s in (ref >= ref.max() - tol).nonzero()}
+    top_est = {tuple(map(int, s)) for s in (est >= est.max() - tol).nonzero()}
+    right = {"c"} if top_est - top_ref else set()
+    for t, l in top_est & top_ref:
+        right |= choice_between(abs(est[t, l] - ref[t, l]).item(), (gap,), "ab", tol=tol)
+    return right

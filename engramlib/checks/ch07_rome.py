@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engramlib.checks._common import _call, _close, _fail, _ok
+from engramlib.checks._common import _call, _close, _fail, _ok, choice_between
 
 
 def _tinyworld_cpu(mt):
@@ -219,3 +219,107 @@ def conv1d_rank_one_edit(fn):
     if not _close(got, memory.rank_one_edit(W.T, k, v, C_inv).T):
         _fail("k* W_new = v* holds, but W_new is not chapter 02's edit transposed")
     _ok("conv1d_rank_one_edit")
+
+
+# --- exercise 7.5: find the bug in a ROME update -------------------------------------------------
+
+def colleague_update(W, k_star, k_write, delta, C_inv):
+    """A colleague's ROME update, W: (d_out, d_in), with ONE bug (exercise 7.5). It should return
+    Ŵ with Ŵ k_write = W k_write + δ, changing W only along C⁻¹k*."""
+    u = C_inv @ k_star
+    return W + torch.outer(delta, u) / (u @ k_star)
+
+
+UPDATE_BUG_CHOICES = {
+    "a": "the direction: u must be C⁻¹ times k_write, the key that is written, not C⁻¹k*",
+    "b": "the side of C⁻¹: it belongs on δ, the change of the value, not on the key",
+    "c": "the normaliser: the division is taken at the wrong key",
+    "d": "δ: it must be recomputed as the residual at k*, v* − W k*",
+}
+
+
+def _update_case():
+    """A small memory where k_write ≠ k*: (W (4, 6), k_star, k_write, delta, C, C_inv), float64."""
+    gen = torch.Generator().manual_seed(7)
+    K = torch.randn(40, 6, generator=gen, dtype=torch.float64) + 0.5
+    C = K.T @ K / len(K)
+    k_star = K[:5].mean(0)                                       # averaged over 5 "contexts"
+    k_write = K[0]                                               # one of them: the bare prompt's key
+    W = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    delta = torch.randn(4, generator=gen, dtype=torch.float64)
+    return W, k_star, k_write, delta, C, torch.linalg.inv(C)
+
+
+def find_update_bug(bug, fixed):
+    """Exercise 7.5: bug -> the letter of UPDATE_BUG_CHOICES that explains the colleague's results;
+    fixed(W, k_star, k_write, delta, C_inv) -> their update with that one thing corrected, checked on
+    a small memory where k_write ≠ k* against `rome.rome_weight_update`."""
+    from engramlib.rome import rome_weight_update
+    bug = str(bug).strip().lower()
+    if bug not in UPDATE_BUG_CHOICES:
+        _fail(f"answer with one of {', '.join(UPDATE_BUG_CHOICES)}, got {bug!r}")
+    if bug == "a":
+        _fail("the direction is right: u = C⁻¹k* comes from the key averaged over the contexts the edit must "
+              "hold in, as in the reference (compute_u). And the colleague's update is exact when k_write = k*, "
+              "so the fault lies in a line where the two keys play different roles, and changing u alone "
+              "would not make k_write recall v*: try it")
+    if bug == "b":
+        _fail("C⁻¹ describes the KEYS (d_in numbers: the input of c_proj) and turns the change away from other "
+              "subjects' keys; δ is a change of the value (d_out numbers), in another space, where C⁻¹ does "
+              "not even fit. The direction in key space is where C⁻¹ belongs")
+    if bug == "d":
+        _fail("δ is already the residual at the key that is written: v* = v₀ + δ, with v₀ the MLP's output on "
+              "the bare prompt, so Ŵ k_write must be W k_write + δ. A residual at k* would ask the averaged "
+              "key, not the written one, to recall v*")
+    W, k_star, k_write, delta, C, C_inv = _update_case()
+    copy = W.clone()
+    got = _call(fixed, W, k_star, k_write, delta, C_inv,
+                shape_hint="W is (d_out, d_in) = (4, 6), the keys have 6 numbers, δ has 4")
+    if not torch.equal(W, copy):
+        _fail("your function changed W in place; return a new matrix")
+    if not torch.is_tensor(got) or got.shape != W.shape:
+        _fail(f"expected a matrix of W's shape {tuple(W.shape)} (d_out, d_in), got {getattr(got, 'shape', type(got).__name__)}")
+    got = got.double()
+    ref = rome_weight_update(W, k_star, k_write, delta, C_inv)
+    if _close(got, ref, 1e-9):
+        recall = (colleague_update(W, k_star, k_write, delta, C_inv) @ k_write - W @ k_write - delta).norm() / delta.norm()
+        print(f"  k_write now recalls W k_write + δ exactly (the colleague's missed it by {recall:.0%} of ‖δ‖), "
+              "and W changes only along C⁻¹k*")
+        _ok("find_update_bug")
+        return
+    if _close(got, colleague_update(W, k_star, k_write, delta, C_inv)):
+        _fail("that is the colleague's update unchanged: k_write does not recall W k_write + δ")
+    if _close(got, ref - W):
+        _fail("you returned only the change ΔW; add it to W")
+    recalls = _close(got @ k_write, W @ k_write + delta, 1e-9)
+    u_write = C_inv @ k_write
+    if _close(got, W + torch.outer(delta, u_write) / (u_write @ k_write)):
+        _fail("k_write recalls v* now, but the direction changed to C⁻¹k_write: keep u = C⁻¹k* (the key "
+              "averaged over contexts) and fix only the normaliser")
+    if _close(got, W + torch.outer(delta, k_star) / (k_star @ k_write)):
+        _fail("C⁻¹ is gone: the change runs along k* itself, chapter 02's naive edit, which moves other keys")
+    if _close(got, W + torch.outer(delta, C @ k_star) / ((C @ k_star) @ k_write)):
+        _fail("you used C where C⁻¹ belongs")
+    if not recalls:
+        _fail("k_write does not recall W k_write + δ with your update: apply your Ŵ to k_write on paper; the "
+              "factor in front of δ must be exactly 1")
+    _fail("k_write recalls v*, but your change is not along C⁻¹k* (rome.rome_weight_update's)")
+
+
+# --- the predictions' answers (ties count for every tied choice) -------------------------------
+
+def answer_7_1(ratio: float) -> set:
+    """Predict 7.1's right choice(s) from how many times smaller the median overlap is with C⁻¹k*:
+    below 2, 2 to 10, above 10; a ratio of exactly 2 or 10 counts for both neighbouring choices."""
+    return choice_between(ratio, (2.0, 10.0), "abc")
+
+
+def answer_7_2(paraphrase: str, neighbour: str) -> set:
+    """Predict 7.2's right choice from the edited model's next word after the paraphrase and after the
+    neighbour prompt (c: the paraphrase keeps Paris; a: Rome and Paris; b: Rome for both; d: else)."""
+    paraphrase, neighbour = paraphrase.strip(), neighbour.strip()
+    if paraphrase == "Paris":
+        return {"c"}
+    if paraphrase != "Rome":
+        return {"d"}
+    return {"a"} if neighbour == "Paris" else {"b"} if neighbour == "Rome" else {"d"}
