@@ -18,6 +18,14 @@ def _fail(message: str):
     raise AssertionError(message)
 
 
+def _letter(answer, choices) -> str:
+    """A multiple-choice answer, normalised (" B" -> "b"): one of `choices`, or a clear failure."""
+    answer = str(answer).strip().lower()
+    if answer not in choices:
+        _fail(f"answer with one of {', '.join(choices)}, got {answer!r}")
+    return answer
+
+
 def _ok(name: str):
     print(f"✓ {name} passed")
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from engramlib.checks._common import _call, _close, _fail, _ok, _update_rule, choice_between
+from engramlib.checks._common import _letter, _call, _close, _fail, _ok, _update_rule, choice_between
 
 
 def anti_hebbian_forget(fn):
@@ -208,9 +208,7 @@ def find_the_bug(bug, fixed):
     """Exercise 2.5: bug -> the letter of BUG_CHOICES that explains the colleague's result; fixed(K, V, i,
     v_star) -> {method: (efficacy, damage)}, the colleague's experiment with that one thing corrected."""
     from engramlib import memory as M
-    bug = str(bug).strip().lower()
-    if bug not in BUG_CHOICES:
-        _fail(f"answer with one of {', '.join(BUG_CHOICES)}, got {bug!r}")
+    bug = _letter(bug, BUG_CHOICES)
     if bug == "a":
         _fail("pinv is right here: C of 10 keys in 64 dimensions has rank 10 and no inverse. inv would "
               "return huge numbers and make the damage worse, not better (exercise 2.4's hint 3)")

@@ -5,7 +5,7 @@ import random
 
 import torch
 
-from engramlib.checks._common import _call, _close, _fail, _ok, choice_between
+from engramlib.checks._common import _letter, _call, _close, _fail, _ok, choice_between
 
 
 def _toy_states():
@@ -377,9 +377,7 @@ CONTROL_CHOICES = {"a": "a random region of the same size",
 def overlap_control(choice):
     """Exercise 4.4: choice -> the letter of CONTROL_CHOICES that tells a skill's own weights from the
     weights any fine-tuning on these prompts moves."""
-    choice = str(choice).strip().lower()
-    if choice not in CONTROL_CHOICES:
-        _fail(f"answer with one of {', '.join(CONTROL_CHOICES)}, got {choice!r}")
+    choice = _letter(choice, CONTROL_CHOICES)
     if choice == "a":
         _fail("a random region controls for chance only, and chance (about 1 %) is already far below every "
               "measured overlap: it cannot tell the skill's weights from weights that ANY fine-tuning on these "

@@ -8,6 +8,18 @@ import torch
 from engramlib.checks._common import _call, _fail, _ok, choice_between
 
 
+
+def _token_layer_grid(got, T: int, L: int, what: str) -> torch.Tensor:
+    """The student's [tokens, layers] grid as a float CPU tensor, or a failure naming the mix-up."""
+    if not torch.is_tensor(got):
+        _fail(f"return a tensor of {what} [tokens, layers] = ({T}, {L}), got {type(got).__name__}")
+    got = got.detach().float().cpu()
+    if got.shape == (L, T) and L != T:
+        _fail(f"got shape ({L}, {T}): one ROW per token and one COLUMN per layer, [T, L] = ({T}, {L})")
+    if got.shape != (T, L):
+        _fail(f"expected shape [tokens, layers] = ({T}, {L}), got {tuple(got.shape)}")
+    return got
+
 def _tinyworld(mt):
     from engramlib.models import load_model
     return mt or load_model("tinyworld", device="cpu")
@@ -202,13 +214,7 @@ def trace_by_loop(fn, mt=None):
     ref = trace(mt, prompt, subject, samples=samples, noise=noise, seed=seed)   # the same draws, batched
     t_batched = time.perf_counter() - clock
     T, L = len(ref.tokens), mt.n_layers
-    if not torch.is_tensor(got):
-        _fail(f"return a tensor of scores [tokens, layers] = ({T}, {L}), got {type(got).__name__}")
-    got = got.detach().float().cpu()
-    if got.shape == (L, T) and L != T:
-        _fail(f"got shape ({L}, {T}): one ROW per token and one COLUMN per layer, [T, L] = ({T}, {L})")
-    if got.shape != (T, L):
-        _fail(f"expected shape [tokens, layers] = ({T}, {L}), got {tuple(got.shape)}")
+    got = _token_layer_grid(got, T, L, "scores")
     s = ref.subject_range[0]
     if s > 0 and (got[:s] == 0).all():
         _fail(f"the tokens before the subject (0..{s - 1}) are 0; restoring them changes nothing, so "
@@ -290,13 +296,7 @@ def attribution_patching(fn, mt=None):
     T, L = inputs.ids.shape[1], mt.n_layers
     got = _call(fn, mt, prompt, subject, draws, shape_hint="noise_draws has one row per CORRUPTED copy: "
                 "the batch has len(noise_draws) + 1 rows, row 0 clean")
-    if not torch.is_tensor(got):
-        _fail(f"return a tensor of estimates [tokens, layers] = ({T}, {L}), got {type(got).__name__}")
-    got = got.detach().float().cpu()
-    if got.shape == (L, T) and L != T:
-        _fail(f"got shape ({L}, {T}): one ROW per token and one COLUMN per layer, [T, L] = ({T}, {L})")
-    if got.shape != (T, L):
-        _fail(f"expected shape [tokens, layers] = ({T}, {L}), got {tuple(got.shape)}")
+    got = _token_layer_grid(got, T, L, "estimates")
     probs, H, G = _states_and_grads(mt, inputs)
     S, low = len(draws), probs[1:].mean().item()
     delta = H[:1] - H[1:]                                       # [S, T, L, d]: clean minus corrupted

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engramlib.checks._common import _call, _close, _fail, _ok, choice_between
+from engramlib.checks._common import _letter, _call, _close, _fail, _ok, choice_between
 
 
 def _tinyworld_cpu(mt):
@@ -255,9 +255,7 @@ def find_update_bug(bug, fixed):
     fixed(W, k_star, k_write, delta, C_inv) -> their update with that one thing corrected, checked on
     a small memory where k_write ≠ k* against `rome.rome_weight_update`."""
     from engramlib.rome import rome_weight_update
-    bug = str(bug).strip().lower()
-    if bug not in UPDATE_BUG_CHOICES:
-        _fail(f"answer with one of {', '.join(UPDATE_BUG_CHOICES)}, got {bug!r}")
+    bug = _letter(bug, UPDATE_BUG_CHOICES)
     if bug == "a":
         _fail("the direction is right: u = C⁻¹k* comes from the key averaged over the contexts the edit must "
               "hold in, as in the reference (compute_u). And the colleague's update is exact when k_write = k*, "
