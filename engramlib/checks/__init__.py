@@ -15,3 +15,4 @@ from engramlib.checks.ch07_rome import key_at_subject, v_star_delta, conv1d_rank
 from engramlib.checks.ch08_evaluation import edit_success, harmonic_score, edit_scores  # noqa: F401
 from engramlib.checks.ch09_mass_editing import mass_update, alphaedit_update, disabling_steps  # noqa: F401
 from engramlib.checks.ch10_limits import rewrite_score, two_hop_checks, greedy_exact_match  # noqa: F401
+from engramlib.checks.ch11_unlearning import npo_loss, activation_mse, project_out  # noqa: F401
