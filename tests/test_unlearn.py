@@ -143,7 +143,7 @@ def test_bad_input_is_one_clear_error_and_the_model_is_untouched(tinyworld, smal
     assert same_weights(tinyworld, snap)
 
 
-def test_original_weights_context_swaps_and_restores(tinyworld, small_set):
+def test_original_weights_and_redo_swap_bit_for_bit(tinyworld, small_set):
     mt = tinyworld
     snap = snapshot(mt)
     hp = U.UnlearnHyperParams(steps=2, lr=1e-3, layers=(0,))
@@ -152,6 +152,11 @@ def test_original_weights_context_swaps_and_restores(tinyworld, small_set):
         with run.original_weights():
             assert same_weights(mt, snap)
         assert same_weights(mt, changed)
+        run.undo(keep=True)
+        assert same_weights(mt, snap)
+        run.redo()
+        assert run.applied and same_weights(mt, changed)
+    assert same_weights(mt, snap)
 
 
 # --- probes --------------------------------------------------------------------------------------------
