@@ -175,7 +175,10 @@ def check_requests(mt: ModelAndTokenizer, forget, retain=None, method: str = "np
         for r in requests:
             prompt, subject = r.get("prompt", ""), r.get("subject", "")
             if prompt.count("{}") != 1:
-                raise ValueError(f"{kind} request {r!r}: the prompt must contain '{{}}' once")
+                where = (f"it contains the subject {subject!r}: write '{{}}' in its place" if subject and
+                         subject in prompt else f"subject {subject!r} not found in prompt {prompt!r}")
+                raise ValueError(f"{kind} request: the prompt must contain '{{}}' once where the subject "
+                                 f"goes; {where}")
             if not _true(r):
                 raise ValueError(f"{kind} request {r!r}: empty target_true: say which answer is the fact")
             try:

@@ -125,8 +125,12 @@ def test_unlearn_forgets_and_undo_is_exact(tinyworld, small_set, method):
 @pytest.mark.parametrize("case, match", [
     (dict(forget=[]), "empty"),
     (dict(method="forget_everything"), "unknown unlearning method"),
-    (dict(forget=[{"prompt": "The capital of {} is", "subject": "Frannce", "target_true": {"str": "Paris"}}]),
+    (dict(forget=[{"prompt": "The capital of France is", "subject": "Frannce", "target_true": {"str": "Paris"}}]),
      "not found"),
+    (dict(forget=[{"prompt": "The capital of France is", "subject": "France", "target_true": {"str": "Paris"}}]),
+     "in its place"),
+    (dict(forget=[{"prompt": "The capital of Fr{} is", "subject": "ance", "target_true": {"str": "Paris"}}]),
+     "part of a word"),
     (dict(retain="overlap"), "also in the forget set"),
     (dict(forget=[{"prompt": "The capital of {} is", "subject": "France", "target_true": {"str": ""}}]),
      "empty target_true"),
