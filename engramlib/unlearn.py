@@ -91,7 +91,8 @@ def _tinyworld_hparams() -> dict:
             steps=40, lr=2e-4, layers=all_layers, beta=0.1, retain_weight=3.0, retain_batch=64,
             source="β = 0.1 as Zhang et al. 2024 on TOFU; α = 3 (open-unlearning: 1), 40 steps at lr 2e-4, "
                    "64 retain facts a step, tuned on 8 subjects (lr 1e-4, 30 steps, α 1: paraphrases 26 %; "
-                   "lr 3e-4: held-out 74 %; MLPs of layers 0-3 only: held-out 75 %; benchmarks/unlearning.py)"),
+                   "lr 3e-4: held-out 74 %; MLPs of layers 0-3 only: held-out 75 %). At 20 subjects "
+                   "(benchmarks/unlearning.py) it misses the bar: paraphrases 20 %, held-out 84 %"),
         "rmu": UnlearnHyperParams(
             steps=100, lr=1e-2, layers=(0, 1, 2), params=("transformer.h.{}.mlp.c_proj.",),
             rmu_layer=2, steering_coeff=200.0, retain_weight=100.0,
@@ -99,11 +100,13 @@ def _tinyworld_hparams() -> dict:
                    "ℓ = 2, just above TinyWorld's fact layers 0-1 (chapter 06). c = 200, about 11x the "
                    "residual norm there (18.5; WMDP's c = 20 is about TinyWorld's norm and moved nothing); "
                    "α = 100, 100 steps at lr 1e-2 tuned on 8 subjects (c 100: paraphrases 22 %, "
-                   "α 30: held-out 88 %; benchmarks/unlearning.py)"),
+                   "α 30: held-out 88 %). At 20 subjects (benchmarks/unlearning.py) it misses the bar: "
+                   "trained prompts 20 %, paraphrases 14 %, held-out 86 % (c 300, 150 steps: 2 %, 9 %, 85 %)"),
         "rome_erase": UnlearnHyperParams(
             erase_steps=20, erase_kl_factor=0.0625, erase_context_lengths=((5, 5),),
             source="ROME's registered TinyWorld settings (rome.HPARAMS) with the erasing target; the δ "
-                   "search on 6 of ROME's 21 context templates (k* keeps all 21): 3.5x less work"),
+                   "search on 6 of ROME's 21 context templates (k* keeps all 21): 3.5x less work. At 20 "
+                   "subjects: trained prompts 4 %, paraphrases 6 %, held-out 98 % (benchmarks/unlearning.py)"),
     }
 
 
