@@ -45,8 +45,9 @@ STEPS = {
     # chapter 03's step plus θ_ft of task B and A's mask as frozen booleans
     "04": Step("learn two skills in disjoint regions", blocks=24),
     # unlearning by gradient steps on every block weight with Adam: the gradients, Adam's two
-    # moments and the undo copy of the trained weights (4); the forget and retain batches' activations
-    "11": Step("unlearning: gradient steps with Adam on the blocks", blocks=4, allowance=2 * GiB),
+    # moments and the undo copy of the trained weights (4), and the 2 copies a kept run holds (6);
+    # the forget and retain batches' activations
+    "11": Step("unlearning: gradient steps with Adam on the blocks", blocks=6, allowance=2 * GiB),
 }
 
 

@@ -216,7 +216,7 @@ FULL_SIZES = {
     "08": {"records": 100, "sequential": 40, "c_texts": 2000},
     "09": {"records": 100, "texts": 300, "every": 10, "c_texts": 2000},
     "10": {"sweep_facts": 100, "layers": 48, "edits": 40, "neuron_facts": 20, "c_texts": 2000},  # 48: every layer
-    "11": {"forget_subjects": 20, "steps": 100},
+    "11": {"forget_subjects": 20, "unlearn_steps": 500, "relearn_steps": 2000},   # 5 methods × 2 kinds × 50; curves
 }
 SCALABLE = {"05": ("kn_facts", "lens_facts"), "06": ("facts",), "08": ("records", "sequential"),
             "09": ("records", "texts"), "10": ("layers", "sweep_facts", "edits", "neuron_facts"),
@@ -350,10 +350,13 @@ def chapter_work(chapter: str, name: str, s: Shape, z: dict) -> list:
                   .times(z["neuron_facts"], "knowledge-neuron interventions"),
                   Work("weights kept for the final check", keep_host=L * s.c_proj_bytes)]
         return steps
-    if chapter == "11":
-        return [finetune_work(s, "unlearning steps (Adam)", z["steps"], 2 * z["forget_subjects"], 12,
+    if chapter == "11":       # forget batches of ~2.5 facts per subject plus as many retain facts
+        rows = 5 * z["forget_subjects"]
+        return [finetune_work(s, "unlearning steps (Adam)", z["unlearn_steps"], rows, 12,
                               trained_params=s.n_layer * s.block_params),
-                forward_work(s, "reports and probes", 40, 64, PARAPHRASE_T, full_logits=True)]
+                finetune_work(s, "relearning curves", z["relearn_steps"], 20, 12,
+                              trained_params=s.n_layer * s.block_params),
+                forward_work(s, "reports and probes", 20 * 10, 64, PARAPHRASE_T, full_logits=True)]
     raise ValueError(f"unknown chapter {chapter!r}: one of {', '.join(FULL_SIZES)}")
 
 
