@@ -125,11 +125,12 @@ def _from_pretrained(name: str, source: str) -> tuple:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     hub = name in HUB_MODELS
     cache = hub_cache_dir() if hub else None
-    tries = HUB_RETRIES if hub and os.environ.get("HF_HUB_OFFLINE", "0") in ("", "0") else 1
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")   # read now, not at import
+    tries = HUB_RETRIES if hub and not offline else 1
     for attempt in range(tries):
         try:
-            return (AutoTokenizer.from_pretrained(source, cache_dir=cache),
-                    AutoModelForCausalLM.from_pretrained(source, cache_dir=cache))
+            return (AutoTokenizer.from_pretrained(source, cache_dir=cache, local_files_only=offline),
+                    AutoModelForCausalLM.from_pretrained(source, cache_dir=cache, local_files_only=offline))
         except OSError as err:
             if attempt + 1 == tries:
                 raise ModelLoadError(
