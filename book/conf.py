@@ -30,7 +30,8 @@ MATHJAX = Path(jupyter_server_mathjax.__file__).parent / "static"
 mathjax_path = "mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full"
 mathjax2_config = {"tex2jax": {"inlineMath": [["\\(", "\\)"]], "displayMath": [["\\[", "\\]"]],
                                "processRefs": False, "processEnvironments": False},
-                   "HTML-CSS": {"availableFonts": ["TeX"], "imageFont": None},
+                   # the package ships MathJax's STIX web fonts (woff) only: use them, never local fonts
+                   "HTML-CSS": {"availableFonts": [], "webFont": "STIX-Web", "imageFont": None},
                    "messageStyle": "none"}
 
 html_theme = "sphinx_book_theme"
