@@ -90,7 +90,7 @@ test-book: setup-test $(STAMP).engram-book $(STAMP).engram-browser
 	$(NOTEBOOK_ENV) ENGRAM_BOOK_TESTS=1 $(PY) -m pytest tests/book -v $(PYTEST_ARGS)
 
 # grades solutions, untouched releases and wrong submissions with nbgrader (ENGRAM_GRADE_CHAPTERS:
-# which chapters, default 01,02,04; "all" for every chapter)
+# which chapters, default 01,02,07; "all" for every chapter)
 test-grading: setup-test $(STAMP).engram-grading
 	$(NOTEBOOK_ENV) ENGRAM_GRADING_TESTS=1 $(PY) -m pytest tests/grading -v $(PYTEST_ARGS)
 

@@ -13,9 +13,10 @@ each one top to bottom, hidden tests restored):
   without showing its code.
 
 Grading executes notebooks (20-90 s a chapter at the FAST sizes on 2 cores), so by default this grades
-ENGRAM_GRADE_CHAPTERS="01,02,04": the two toy-memory chapters and the grafting chapter, which run
-fastest and cover both kinds of exercise (pure functions; checks that train a model); "all" grades
-every chapter in solutions/. Each chapter has its own course folder (its own gradebook), so chapters
+ENGRAM_GRADE_CHAPTERS="01,02,07": the two toy-memory chapters (pure functions, seconds) and ROME
+(checks that run GPT-2-shaped code on TinyWorld, the course's hardest exercise ●●●●), three of the
+four fastest chapters to execute; "all" grades every chapter in solutions/ (about three times the
+book's execution time). Each chapter has its own course folder (its own gradebook), so chapters
 are graded in parallel, one per core.
 """
 import json
@@ -34,7 +35,7 @@ import build_assignments as BA  # noqa: E402
 from build_chapters import MARKER, cell_source  # noqa: E402
 
 pytest.importorskip("nbgrader")
-SELECTED = os.environ.get("ENGRAM_GRADE_CHAPTERS", "01,02,04")
+SELECTED = os.environ.get("ENGRAM_GRADE_CHAPTERS", "01,02,07")
 CHAPTERS = BA.chapters(None if SELECTED.strip() == "all" else SELECTED)
 KINDS = ("solutions", "untouched", "wrong")
 
