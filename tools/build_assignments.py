@@ -258,7 +258,8 @@ def build(out: Path, only: str | None = None, release: bool = True) -> list:
         (folder / path.name).write_text(json.dumps(nb, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         names.append(path.stem)
         pts = points(nb)
-        print(f"  {path.stem}: {pts['auto']} points autograded, {pts['manual']} graded by hand")
+        print(f"  {path.stem}: {pts['auto']:g} point{'' if pts['auto'] == 1 else 's'} autograded, "
+              f"{pts['manual']:g} graded by hand")
     if release:
         for name in names:
             nbgrader(out, "generate_assignment", name, "--force")

@@ -35,7 +35,7 @@ import build_assignments as BA  # noqa: E402
 from build_chapters import MARKER, cell_source  # noqa: E402
 
 pytest.importorskip("nbgrader")
-SELECTED = os.environ.get("ENGRAM_GRADE_CHAPTERS", "01,02,07")
+SELECTED = os.environ.get("ENGRAM_GRADE_CHAPTERS") or os.environ.get("CHAPTERS") or "01,02,07"
 CHAPTERS = BA.chapters(None if SELECTED.strip() == "all" else SELECTED)
 KINDS = ("solutions", "untouched", "wrong")
 
