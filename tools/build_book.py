@@ -37,12 +37,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-from build_chapters import MARKER, cell_source, strip_solutions, EXERCISE_HEADING  # noqa: E402
+from build_chapters import GITHUB_REPO, MARKER, cell_source, strip_solutions, EXERCISE_HEADING  # noqa: E402
 
 BADGE = re.compile(r"\[!\[Open In Colab\]\([^)]*\)\]\(([^)]*)\)")
 CHAPTER_LINK = re.compile(r"\[([^\]]*)\]\((?:\.\./)?(?:chapters|solutions)/([0-9]{2}_[a-z0-9_]+)\.ipynb\)")
 MODEL_ANSWER = re.compile(r"\n?<details>\s*<summary>[^<]*model answer[^<]*</summary>.*?</details>[ \t]*\n?",
                           re.IGNORECASE | re.DOTALL)
+RELATIVE_LINK = re.compile(r"\]\((?!https?:|mailto:|#)([^)\s#]+)(#[^)\s]*)?\)")
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 WIDGET_NOTE = ("(An interactive explorer is shown here when the notebook runs in Jupyter or Colab; "
                "the static book cannot run it.)")
@@ -129,8 +130,9 @@ def is_exercise_cell(cell: dict) -> bool:
     return cell["cell_type"] == "code" and bool(MARKER.search(cell_source(cell)))
 
 
-def page_notebook(nb: dict, solutions: bool) -> dict:
-    """The book's version of an executed solution notebook (a new dict)."""
+def page_notebook(nb: dict, solutions: bool, pages: set = frozenset()) -> dict:
+    """The book's version of an executed solution notebook (a new dict). `pages`: the notebook
+    names of the book (links to them stay links between pages)."""
     nb = copy.deepcopy(nb)
     nb["metadata"].pop("widgets", None)
     cells, exercise = [], None
@@ -142,8 +144,9 @@ def page_notebook(nb: dict, solutions: bool) -> dict:
         if cell["cell_type"] == "markdown":
             found = EXERCISE_HEADING.findall(source)
             exercise = found[-1].strip() if found else exercise
-            if not solutions:
-                cell["source"] = MODEL_ANSWER.sub("\n", source)
+            source = chapter_links(source, {Path(p).stem for p in pages})
+            source = repository_links(source, ROOT / "solutions", set(pages))
+            cell["source"] = MODEL_ANSWER.sub("\n", source) if not solutions else source
         elif cell["cell_type"] == "code":
             if is_exercise_cell(cell):
                 if solutions:     # the answer, folded away; the check's output stays in view
@@ -166,11 +169,23 @@ def chapter_links(text: str, built: set) -> str:
     return CHAPTER_LINK.sub(lambda m: f"[{m[1]}]({m[2]}.ipynb)" if m[2] in built else m[1], text)
 
 
+def repository_links(text: str, base: Path, pages: set) -> str:
+    """Relative links to files of the repository that are not pages of the book (engramlib/rome.py,
+    a benchmark, ...) point at the file on GitHub instead, so that the site has no broken link."""
+    def fix(m):
+        target = (base / m[1]).resolve()
+        if m[1] in pages or not target.exists() or not target.is_relative_to(ROOT):
+            return m[0]
+        return f"](https://github.com/{GITHUB_REPO}/blob/main/{target.relative_to(ROOT).as_posix()}{m[2] or ''})"
+    return RELATIVE_LINK.sub(fix, text)
+
+
 def front_page(readme: str, chapters: list, has_instructors: bool) -> str:
     """README.md as the book's index: badge images become text links (no external image), links to
     notebooks point at the chapter pages, and hidden tables of contents give the navigation."""
     text = BADGE.sub(r"[open in Colab](\1)", readme)
     text = chapter_links(text, {c.stem for c in chapters})
+    text = repository_links(text, ROOT, {c.name for c in chapters} | {"INSTRUCTORS.md"})
     toc = ["", "```{toctree}", ":hidden:", ":caption: Chapters", ""] + [c.stem for c in chapters] + ["```", ""]
     if has_instructors:
         toc += ["```{toctree}", ":hidden:", ":caption: For instructors", "", "INSTRUCTORS", "```", ""]
@@ -179,7 +194,9 @@ def front_page(readme: str, chapters: list, has_instructors: bool) -> str:
 
 def instructors_page(text: str, chapters: list) -> str:
     text = chapter_links(text, {c.stem for c in chapters})
-    return text.replace("](README.md)", "](index.md)")
+    text = repository_links(text.replace("](README.md)", "](index.md)"), ROOT,
+                            {c.name for c in chapters} | {"index.md"})
+    return text
 
 
 def stage(src: Path, executed: dict, solutions: bool) -> None:
@@ -194,7 +211,7 @@ def stage(src: Path, executed: dict, solutions: bool) -> None:
         (src / "INSTRUCTORS.md").write_text(instructors_page(instructors.read_text(encoding="utf-8"), chapters),
                                             encoding="utf-8")
     for name, path in executed.items():
-        nb = page_notebook(json.loads(path.read_text(encoding="utf-8")), solutions)
+        nb = page_notebook(json.loads(path.read_text(encoding="utf-8")), solutions, set(executed))
         (src / name).write_text(json.dumps(nb, ensure_ascii=False, indent=1), encoding="utf-8")
 
 
