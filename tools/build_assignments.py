@@ -79,11 +79,25 @@ to grade at the small sizes, and ENGRAM_MODEL if submissions should run on anoth
 import re
 
 from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor
-from nbgrader.preprocessors import GetGrades, NbGraderPreprocessor
+from nbgrader.converters import Autograde
+from nbgrader.preprocessors import Execute, GetGrades, NbGraderPreprocessor
 
 c = get_config()  # noqa: F821 (nbgrader's config loader defines it)
 c.CourseDirectory.root = __file__.rsplit("/", 1)[0] if "/" in __file__ else "."
 c.Execute.timeout = 1800            # seconds per cell; the chapters' heaviest cells at full size
+
+
+class ExecuteWithoutWidgets(Execute):
+    """nbgrader's Execute, minus nbclient's imitation of a widget front-end (nbclient #312: a cell
+    that shows an ipywidgets explorer sometimes never finishes). Grading needs no widget state; an
+    explorer's output simply stays in its cell."""
+    def handle_comm_msg(self, outs, msg, cell_index):
+        pass
+
+
+c.Autograde.autograde_preprocessors = [
+    ExecuteWithoutWidgets if p is Execute else p
+    for p in Autograde.class_traits()["autograde_preprocessors"].default_value]
 c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\\nraise NotImplementedError()"}
 
 

@@ -78,12 +78,23 @@ def cache_key(nb_path: Path) -> str:
     return h.hexdigest()
 
 
+def _widgetless_client():
+    from nbclient import NotebookClient
+
+    class WidgetlessClient(NotebookClient):
+        """nbclient without its imitation of a widget front-end (nbclient #312: a cell that shows an
+        ipywidgets explorer sometimes never finishes). The book cannot run widgets anyway."""
+        def handle_comm_msg(self, outs, msg, cell_index):
+            pass
+    return WidgetlessClient
+
+
 def execute(nb_path: str, out_path: str, timeout: int = 1200) -> float:
     """Run one notebook top to bottom in a fresh kernel; write it with its outputs. Returns seconds.
     A cell that raises fails the build unless it is tagged raises-exception (nbclient's rule)."""
     import nbformat
-    from nbclient import NotebookClient
 
+    WidgetlessClient = _widgetless_client()
     start = time.time()
     os.environ.clear()
     os.environ.update(kernel_env())
@@ -91,8 +102,8 @@ def execute(nb_path: str, out_path: str, timeout: int = 1200) -> float:
     run_dir = Path(out_path).with_suffix(".run")
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)            # the kernel's working folder: files a chapter writes land here
-    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(run_dir)}},
-                   store_widget_state=True).execute()
+    WidgetlessClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(run_dir)}},
+                     store_widget_state=False).execute()
     nbformat.write(nb, out_path)
     shutil.rmtree(run_dir, ignore_errors=True)
     return time.time() - start
@@ -155,9 +166,9 @@ def page_notebook(nb: dict, solutions: bool, pages: set = frozenset()) -> dict:
                 else:             # the student's stub; its output (an error) would only distract
                     cell["source"] = strip_solutions(source, exercise or "Exercise")
                     cell["outputs"] = []
-            for i, out in enumerate(cell.get("outputs", [])):
-                if WIDGET_MIME in out.get("data", {}):
-                    cell["outputs"][i] = {"output_type": "stream", "name": "stdout", "text": WIDGET_NOTE + "\n"}
+            if any(WIDGET_MIME in out.get("data", {}) for out in cell.get("outputs", [])):
+                # an explorer: what it drew before any interaction is not the chapter's figure
+                cell["outputs"] = [{"output_type": "stream", "name": "stdout", "text": WIDGET_NOTE + "\n"}]
         cells.append(cell)
     nb["cells"] = cells
     return nb
