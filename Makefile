@@ -86,13 +86,14 @@ assignments: setup-test $(STAMP).engram-grading
 	$(NOTEBOOK_ENV) $(PY) tools/build_assignments.py
 
 # builds both editions of the book, checks pages, figures and links, and opens four pages in Chromium
+# (-s: the execution times and the grades are printed)
 test-book: setup-test $(STAMP).engram-book $(STAMP).engram-browser
-	$(NOTEBOOK_ENV) ENGRAM_BOOK_TESTS=1 $(PY) -m pytest tests/book -v $(PYTEST_ARGS)
+	$(NOTEBOOK_ENV) ENGRAM_BOOK_TESTS=1 $(PY) -m pytest tests/book -v -s $(PYTEST_ARGS)
 
 # grades solutions, untouched releases and wrong submissions with nbgrader (ENGRAM_GRADE_CHAPTERS:
 # which chapters, default 01,02,07; "all" for every chapter)
 test-grading: setup-test $(STAMP).engram-grading
-	$(NOTEBOOK_ENV) ENGRAM_GRADING_TESTS=1 $(PY) -m pytest tests/grading -v $(PYTEST_ARGS)
+	$(NOTEBOOK_ENV) ENGRAM_GRADING_TESTS=1 $(PY) -m pytest tests/grading -v -s $(PYTEST_ARGS)
 
 chapters: setup-test
 	$(PY) tools/build_chapters.py

@@ -78,9 +78,9 @@ nbgrader generate_feedback NN_slug. Kernels inherit this shell's environment: ex
 to grade at the small sizes, and ENGRAM_MODEL if submissions should run on another model."""
 import re
 
-from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor
-from nbgrader.converters import Autograde
-from nbgrader.preprocessors import Execute, GetGrades, NbGraderPreprocessor
+from nbconvert.preprocessors import ClearMetadataPreprocessor, CSSHTMLHeaderPreprocessor
+from nbgrader.preprocessors import (AssignLatePenalties, CheckCellMetadata, Execute, GetGrades, IgnorePattern,
+                                    LimitOutput, NbGraderPreprocessor, SaveAutoGrades)
 
 c = get_config()  # noqa: F821 (nbgrader's config loader defines it)
 c.CourseDirectory.root = __file__.rsplit("/", 1)[0] if "/" in __file__ else "."
@@ -95,9 +95,9 @@ class ExecuteWithoutWidgets(Execute):
         pass
 
 
-c.Autograde.autograde_preprocessors = [
-    ExecuteWithoutWidgets if p is Execute else p
-    for p in Autograde.class_traits()["autograde_preprocessors"].default_value]
+# nbgrader 0.9's autograde steps, with Execute replaced
+c.Autograde.autograde_preprocessors = [ExecuteWithoutWidgets, IgnorePattern, ClearMetadataPreprocessor, LimitOutput,
+                                       SaveAutoGrades, AssignLatePenalties, CheckCellMetadata]
 c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\\nraise NotImplementedError()"}
 
 
@@ -259,10 +259,22 @@ def nbgrader(course: Path, *args: str) -> subprocess.CompletedProcess:
     return run
 
 
+def check_config(course: Path) -> None:
+    """Load the course's nbgrader_config.py as nbgrader does. nbgrader only logs a config file that
+    fails to load and goes on with its defaults, which would show the hidden tests in the feedback."""
+    from traitlets.config.loader import PyFileConfigLoader
+
+    config = PyFileConfigLoader("nbgrader_config.py", path=str(course)).load_config()
+    steps = config.GenerateFeedback.preprocessors
+    if not any(getattr(p, "__name__", "") == "HideHiddenTests" for p in steps):
+        raise RuntimeError(f"{course}/nbgrader_config.py does not hide the hidden tests in the feedback")
+
+
 def build(out: Path, only: str | None = None, release: bool = True) -> list:
     """Write the course folder; returns the assignment names."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "nbgrader_config.py").write_text(NBGRADER_CONFIG, encoding="utf-8")
+    check_config(out)
     names = []
     for path in chapters(only):
         nb = source_notebook(json.loads(path.read_text(encoding="utf-8")), path.stem)
