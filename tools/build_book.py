@@ -19,6 +19,14 @@ Steps:
    running kernel: the page says so instead.
 3. sphinx-build with book/conf.py: MathJax served from the site (jupyter-server-mathjax's copy, no
    CDN), no external image, script or stylesheet.
+
+Why Sphinx + MyST-NB (+ sphinx-book-theme), the stack of Jupyter Book 1, and not Jupyter Book 2
+(mystmd): all of it installs from PyPI as pure Python and builds with no network. Jupyter Book 2 is a
+Node.js application that downloads its site template (the book theme, an archive) the first time it
+builds, which a class's or CI's closed network cannot do; and MathJax for Sphinx comes from PyPI too
+(jupyter-server-mathjax, maintained by the Jupyter project, ships MathJax 2.7 and its web fonts).
+Execution is ours (nbclient, what MyST-NB itself uses) so that the notebooks run in parallel, once for
+both editions, and a failing chapter names itself.
 """
 from __future__ import annotations
 
