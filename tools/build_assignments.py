@@ -214,6 +214,9 @@ def source_notebook(solution: dict, name: str) -> dict:
             cell["metadata"]["nbgrader"] = nbgrader_meta(f"ex{number}-solution-{cell['id']}", solution=True,
                                                          grade=False, locked=False)
             cells.append(cell)
+            if not calls:
+                print(f"  warning: {name}, exercise {number.replace('_', '.')}: no checks.*(...) call in its cell, "
+                      "so no autograded test (put the check in the exercise's cell)")
             if calls:
                 cells.append({"cell_type": "code", "id": f"{cell['id']}-test", "execution_count": None,
                               "outputs": [], "source": test_cell_source(calls),
