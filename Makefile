@@ -9,17 +9,23 @@
 #              build (no CUDA wheels); empty (default): PyPI
 # LAB_ARGS     extra arguments for jupyter lab (e.g. --no-browser --port 8899)
 # PYTEST_ARGS  extra arguments for pytest (e.g. PYTEST_ARGS="--durations=20" or "-n 0" for one process)
+# SOLUTIONS    make book: 1 (default) publishes the solutions folded under each exercise, 0 the student
+#              edition (no exercise code, no model answers)
+# CHAPTERS     make book / assignments / test-book / test-grading: only these chapters, e.g. CHAPTERS=01,02
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch>=2.1
 TORCH_INDEX ?=
 LAB_ARGS ?=
 PYTEST_ARGS ?=
+SOLUTIONS ?= 1
+CHAPTERS ?=
 PY := $(if $(VENV),$(VENV)/bin/python,$(PYTHON))
 STAMP := $(if $(VENV),$(VENV)/,)
 TORCH_FROM := $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)",)
 
-.PHONY: setup setup-test setup-lab lab test test-browser test-standin test-plans chapters clean
+.PHONY: setup setup-test setup-lab lab test test-browser test-standin test-plans chapters clean \
+	book assignments test-book test-grading
 
 setup: setup-test setup-lab
 setup-test: $(STAMP).engram-test
@@ -65,6 +71,29 @@ test-standin: setup-test
 # a step's time or memory is off its plan by more than 30 % (run it alone: nothing else on the cores)
 test-plans: setup-test
 	OMP_NUM_THREADS=1 $(PY) benchmarks/plan_vs_measured.py --tolerance 0.3
+
+# the notebooks' kernels as in `make test`: FAST sizes, the model unset (TinyWorld on a CPU)
+NOTEBOOK_ENV := env -u ENGRAM_MODEL -u ENGRAM_SMOKE ENGRAM_FAST=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} \
+	$(if $(CHAPTERS),CHAPTERS=$(CHAPTERS),)
+
+# the course as a static HTML site (Sphinx + MyST-NB), every notebook executed on TinyWorld at the FAST
+# sizes: _build/book/html/index.html; SOLUTIONS=0: _build/book/html-student/ (no exercise code)
+book: setup-test $(STAMP).engram-book
+	$(NOTEBOOK_ENV) $(PY) tools/build_book.py $(if $(filter 0,$(SOLUTIONS)),--no-solutions,)
+
+# nbgrader course folder _build/assignments/: source/ (tests, hidden tests, model answers) and release/
+assignments: setup-test $(STAMP).engram-grading
+	$(NOTEBOOK_ENV) $(PY) tools/build_assignments.py
+
+# builds both editions of the book, checks pages, figures and links, and opens four pages in Chromium
+# (-s: the execution times and the grades are printed)
+test-book: setup-test $(STAMP).engram-book $(STAMP).engram-browser
+	$(NOTEBOOK_ENV) ENGRAM_BOOK_TESTS=1 $(PY) -m pytest tests/book -v -s $(PYTEST_ARGS)
+
+# grades solutions, untouched releases and wrong submissions with nbgrader (ENGRAM_GRADE_CHAPTERS:
+# which chapters, default 01,02,07; "all" for every chapter)
+test-grading: setup-test $(STAMP).engram-grading
+	$(NOTEBOOK_ENV) ENGRAM_GRADING_TESTS=1 $(PY) -m pytest tests/grading -v -s $(PYTEST_ARGS)
 
 chapters: setup-test
 	$(PY) tools/build_chapters.py

@@ -44,9 +44,15 @@ def any_model(request):
     return request.getfixturevalue(request.param)
 
 
+# slow suites, each run by its own make target, which sets the variable: tests/browser (JupyterLab in
+# Chromium, `make test-browser`), tests/book (builds the book, `make test-book`), tests/grading
+# (grades with nbgrader, `make test-grading`)
+SLOW_SUITES = {"browser": "ENGRAM_BROWSER_TESTS", "book": "ENGRAM_BOOK_TESTS", "grading": "ENGRAM_GRADING_TESTS"}
+
+
 def pytest_ignore_collect(collection_path, config):
-    """tests/browser (JupyterLab in Chromium) runs only with `make test-browser`, which sets
-    ENGRAM_BROWSER_TESTS=1: it needs a browser and takes minutes."""
-    if collection_path.name == "browser" and collection_path.parent.name == "tests":
-        return not os.environ.get("ENGRAM_BROWSER_TESTS")
+    """The slow suites are collected only when their variable is set: they need a browser, build
+    the book or execute notebooks under nbgrader, and take minutes."""
+    if collection_path.name in SLOW_SUITES and collection_path.parent.name == "tests":
+        return not os.environ.get(SLOW_SUITES[collection_path.name])
     return None
