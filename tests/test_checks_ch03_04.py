@@ -201,3 +201,12 @@ def test_chapter_03_04_answers_with_ties_and_at_the_test_size():
     assert C34.answer_3_3(facts["MLP 0"]["contiguous"], facts["MLP 0"]["scattered"]) == {"b"}
     assert C34.answer_4_3(0.505) == C34.answer_4_3(0.502) == {"c"}
     assert C34.answer_4_2(1.0, 1.0, 0.5) == {"a"}          # the full run: A kept 100 % (the chapter adds it at FAST)
+
+
+def test_read_lesions_cannot_decide_without_a_control(capsys):
+    """A model that predicts no plain text (the random stand-in) gives the control nothing to lose:
+    the check says so instead of judging."""
+    regions = {"MLP 0": {"contiguous": 0.7, "scattered": 0.7}, "late half": {"contiguous": 0.5, "scattered": 0.1},
+               "early half": {"contiguous": 0.0, "scattered": 0.1}}
+    checks.read_lesions("b", "b", regions, regions, 0.0)
+    assert "cannot decide" in capsys.readouterr().out

@@ -289,6 +289,10 @@ def read_lesions(mlp0, late_half, facts, text, text_intact):
     if mlp0 not in MLP0_CHOICES or late_half not in HALF_CHOICES:
         _fail(f"answer mlp0 with one of {', '.join(MLP0_CHOICES)} and late_half with one of "
               f"{', '.join(HALF_CHOICES)}; got {mlp0!r}, {late_half!r}")
+    if text_intact < 0.05:      # e.g. the random-weight test stand-in: the control has nothing to lose
+        print(f"✓ read_lesions: this model predicts {text_intact:.0%} of plain text right, so the control "
+              "cannot decide here (on a trained model it does)")
+        return
     right, cheap = _lesion_reading(facts, text, text_intact)
     f0, t0 = facts["MLP 0"]["contiguous"], text["MLP 0"]["contiguous"]
     if mlp0 != right:
