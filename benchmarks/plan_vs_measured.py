@@ -7,7 +7,7 @@ For each step (one ROME edit with 21 templates, a batch of C's keys and C's inve
 perplexity over 16 texts, one causal trace grid) it prints the time and memory that
 `engramlib.costs` plans for it on this device (its matmul speed measured in the same run) next to
 what the step took: time by the clock, memory as the growth of the peak (the GPU's
-max_memory_allocated, or on the CPU the process's peak resident memory, Linux's VmHWM). Exits
+max_memory_allocated, or on the CPU the peak resident memory, Linux's VmHWM, of a second run). Exits
 with status 1 if a ratio is outside 1 ± tolerance (default 0.3). Run it alone: other processes
 on the same cores make every time longer.
 """
@@ -129,13 +129,19 @@ def measure(mt, device: str) -> list:
     return rows
 
 
+def cpu_peak_bytes(argv) -> list:
+    """The steps' memory on the CPU, measured in a second process where glibc maps every block of
+    ≥ 64 KiB on its own and returns it when freed, so the peak resident memory follows the tensors
+    alive at once (else freed memory stays in malloc's arenas and a step's peak is hidden, or
+    doubled, by the step before). Times are not taken there: those mappings cost page faults."""
+    import subprocess
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", ENGRAM_PLAN_MEMORY_ONLY="1")
+    out = subprocess.run([sys.executable, __file__, *argv], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        # glibc then maps every block of ≥ 64 KiB on its own and returns it when freed, so the
-        # process's peak resident memory follows the tensors alive at once (else freed memory
-        # stays in malloc's arenas and a step's peak is hidden, or doubled, by the step before)
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-        os.execv(sys.executable, [sys.executable, *sys.argv])
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--shape", default="gpt2", choices=list(budget.GPT2_SHAPES))
@@ -144,12 +150,18 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if os.environ.get("ENGRAM_PLAN_MEMORY_ONLY"):
+        print(json.dumps([nbytes for *_, nbytes in measure(standin(args.shape, args.device), args.device)]))
+        return 0
+    cpu_bytes = None if args.device.startswith("cuda") else cpu_peak_bytes(argv)
     dev = budget.measured_device(args.device)
     print(f"{args.shape} shape, random weights, on {args.device}: matmul {dev.flops / 1e9:.0f} GFLOP/s float32, "
           f"{dev.flops64 / 1e9:.0f} float64 (measured now); plan efficiency {dev.efficiency}, latency "
           f"{dev.pass_latency * 1e3:.1f} ms per pass + {dev.block_latency * 1e3:.2f} ms per block")
     mt = standin(args.shape, args.device)
     rows = measure(mt, args.device)
+    if cpu_bytes is not None:
+        rows = [(what, work, seconds, nbytes) for (what, work, seconds, _), nbytes in zip(rows, cpu_bytes)]
     bad, out = 0, []
     print(f"\n{'step':<50}{'plan s':>9}{'meas. s':>9}{'ratio':>7}{'plan MiB':>10}{'meas. MiB':>10}{'ratio':>7}")
     for what, work, seconds, nbytes in rows:
