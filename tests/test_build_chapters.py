@@ -159,3 +159,18 @@ def test_every_notebook_starts_with_the_shared_setup_cell(path):
     first_code = next(c for c in nb["cells"] if c["cell_type"] == "code")
     assert bc.cell_source(first_code) == bc.SETUP_CELL, (
         f"{path.name}: the first code cell must be tools/build_chapters.SETUP_CELL, verbatim")
+
+
+def test_the_book_keeps_a_figure_drawn_next_to_progress_bars_and_hides_explorers():
+    import build_book
+    widget = "application/vnd.jupyter.widget-view+json"
+    bar = {"output_type": "display_data", "metadata": {},
+           "data": {widget: {"model_id": "a"}, "text/plain": ["memit, batches of 4:   0%|          | 0/2"]}}
+    figure = {"output_type": "display_data", "metadata": {}, "data": {"image/png": "iVBOR", "text/plain": "<Figure>"}}
+    explorer = {"output_type": "display_data", "metadata": {}, "data": {widget: {"model_id": "b"},
+                                                                         "text/plain": "VBox(children=(...))"}}
+    nb = notebook(code("run()\nplt.show()", [bar, bar, figure]), code("explore()", [explorer, figure]))
+    page = build_book.page_notebook(nb, solutions=True)
+    assert page["cells"][0]["outputs"] == [figure]                     # bars dropped, the figure kept
+    assert page["cells"][1]["outputs"][0]["text"] == build_book.WIDGET_NOTE + "\n"
+    assert len(page["cells"][1]["outputs"]) == 1

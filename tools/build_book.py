@@ -53,6 +53,7 @@ MODEL_ANSWER = re.compile(r"\n?<details>\s*<summary>[^<]*model answer[^<]*</summ
                           re.IGNORECASE | re.DOTALL)
 RELATIVE_LINK = re.compile(r"\]\((?!https?:|mailto:|#)([^)\s#]+)(#[^)\s]*)?\)")
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+PROGRESS_BAR = re.compile(r"\d+%\|")
 WIDGET_NOTE = ("(An interactive explorer is shown here when the notebook runs in Jupyter or Colab; "
                "the static book cannot run it.)")
 
@@ -145,6 +146,18 @@ def execute_all(paths: list, cache: Path, jobs: int) -> dict:
     return done
 
 
+def is_progress_bar(output: dict) -> bool:
+    """A tqdm progress bar, which Jupyter shows as a widget (its text: "name:  40%|████  | 2/5 [...]")."""
+    data = output.get("data", {})
+    text = data.get("text/plain", "")
+    return WIDGET_MIME in data and bool(PROGRESS_BAR.search("".join(text) if isinstance(text, list) else text))
+
+
+def is_explorer(output: dict) -> bool:
+    """An interactive widget other than a progress bar: the static book shows a note instead."""
+    return WIDGET_MIME in output.get("data", {}) and not is_progress_bar(output)
+
+
 def is_exercise_cell(cell: dict) -> bool:
     return cell["cell_type"] == "code" and bool(MARKER.search(cell_source(cell)))
 
@@ -174,7 +187,8 @@ def page_notebook(nb: dict, solutions: bool, pages: set = frozenset()) -> dict:
                 else:             # the student's stub; its output (an error) would only distract
                     cell["source"] = strip_solutions(source, exercise or "Exercise")
                     cell["outputs"] = []
-            if any(WIDGET_MIME in out.get("data", {}) for out in cell.get("outputs", [])):
+            cell["outputs"] = [out for out in cell.get("outputs", []) if not is_progress_bar(out)]
+            if any(is_explorer(out) for out in cell["outputs"]):
                 # an explorer: what it drew before any interaction is not the chapter's figure
                 cell["outputs"] = [{"output_type": "stream", "name": "stdout", "text": WIDGET_NOTE + "\n"}]
         cells.append(cell)

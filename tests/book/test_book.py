@@ -102,7 +102,7 @@ def test_each_page_has_as_many_figures_as_the_chapter_draws(site, nb_path):
     solution = json.loads(nb_path.read_text(encoding="utf-8"))
     executed = json.loads((OUT / "executed" / nb_path.name).read_text(encoding="utf-8"))
     for src, run in zip(solution["cells"], executed["cells"]):
-        if any(build_book.WIDGET_MIME in o.get("data", {}) for o in run.get("outputs", [])):
+        if any(build_book.is_explorer(o) for o in run.get("outputs", [])):
             continue                    # an explorer: the page shows a note instead of its outputs
         if src["cell_type"] == "code":
             images = sum("image/png" in o.get("data", {}) or "image/svg+xml" in o.get("data", {})
@@ -170,6 +170,13 @@ def page_text(path: Path) -> str:
     return html.unescape(re.sub(r"<[^>]+>", "", path.read_text(encoding="utf-8")))
 
 
+def printed(cell: dict) -> str:
+    """The text a code cell printed (e.g. a colleague's buggy code that an exercise shows)."""
+    texts = [o.get("text", "") if o.get("output_type") == "stream" else o.get("data", {}).get("text/plain", "")
+             for o in cell.get("outputs", [])]
+    return "\n".join("".join(t) if isinstance(t, list) else t for t in texts)
+
+
 def test_student_edition_has_no_exercise_code_and_no_model_answers(student_site):
     broken, external = check_site_links(student_site)
     assert not broken and not external, (broken[:5], external[:5])
@@ -180,8 +187,11 @@ def test_student_edition_has_no_exercise_code_and_no_model_answers(student_site)
         assert "NotImplementedError" in text or not any(MARKER.search(cell_source(c)) for c in nb["cells"])
         assert not re.search(r"<summary>[^<]*model answer", raw, re.IGNORECASE), \
             f"{nb_path.stem}: a model answer is published"
-        student = "\n".join(cell_source(c) for c in                # code a student sees anyway
-                             json.loads((ROOT / "chapters" / nb_path.name).read_text(encoding="utf-8"))["cells"])
+        executed = json.loads((OUT / "executed" / nb_path.name).read_text(encoding="utf-8"))
+        # what a student sees anyway: the chapter's code, and what its other cells print
+        student = "\n".join([cell_source(c) for c in
+                              json.loads((ROOT / "chapters" / nb_path.name).read_text(encoding="utf-8"))["cells"]]
+                             + [printed(c) for c in executed["cells"] if not build_book.is_exercise_cell(c)])
         for cell in nb["cells"]:
             if cell["cell_type"] != "code" or not MARKER.search(cell_source(cell)):
                 continue
