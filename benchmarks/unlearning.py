@@ -37,6 +37,8 @@ def run_kind(mt, kind: str, args) -> list:
     print(f"{kind}: {len(fs.forget)} facts of {len(fs.subjects)} subjects to forget, "
           f"{len(fs.same_subjects)} same-subject facts, {len(fs.retain)} retain, {len(fs.heldout)} held out",
           flush=True)
+    if kind == "entities" and args.seed == 0 and not args.no_retain_model:
+        rows.append(retain_model_row(fs, texts, A, B, control, probe_train, steps, args))
     for method in args.methods.split(","):
         start = time.perf_counter()
         run = U.unlearn(mt, forget, retain, method=method, progress=False, seed=args.seed)
@@ -48,6 +50,17 @@ def run_kind(mt, kind: str, args) -> list:
         rows.append(row)
         print(json.dumps(row, default=float), flush=True)
     return rows
+
+
+def retain_model_row(fs, texts, A, B, control, probe_train, steps, args) -> dict:
+    """The gold standard: the TinyWorld trained without these subjects, measured like the others."""
+    U.check_never_read(fs)
+    gold = U.load_retain_model(device="cpu")
+    row = {"kind": fs.kind, "method": "never knew (retain model)", **U.report(gold, fs, texts),
+           "probe": U.probe_accuracy(gold, probe_train, fs.forget, args.probe_layer),
+           "relearn": U.relearning_curve(gold, A, B, steps, control=control, lr=args.relearn_lr)}
+    print(json.dumps(row, default=float), flush=True)
+    return row
 
 
 def pct(x):
@@ -89,6 +102,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--no-retain-model", action="store_true",
+                   help="skip the row of the TinyWorld trained without the forget subjects (entities, seed 0)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     mt = load_model(args.model, device="cpu")

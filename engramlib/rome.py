@@ -611,7 +611,8 @@ def lower_blocks_replayed(mt: ModelAndTokenizer, layer: int, output_fn, containe
 
 
 def compute_v_star(mt: ModelAndTokenizer, request: dict, layer: int, hparams: ROMEHyperParams,
-                   templates=None, progress: bool = False, v_init_at: str = "mlp") -> dict:
+                   templates=None, progress: bool = False, v_init_at: str = "mlp",
+                   objective: str = "write") -> dict:
     """Optimise δ, added to the MLP output of `layer` at the last subject token of every context
     template and of the KL prompt "{subject} is a", so that the templates continue with target_new
     (`v_star_loss`). Only the blocks above `layer` run in the optimisation loop.
@@ -620,16 +621,24 @@ def compute_v_star(mt: ModelAndTokenizer, request: dict, layer: int, hparams: RO
     at the bare prompt (ROME); "block", the block's output there, i.e. the residual stream (MEMIT's
     z = v₀ + δ: adding δ to the MLP output adds it to the block output, so δ is the same).
 
+    objective: "write" (ROME: the templates continue with target_new, −log p(o*) per target token);
+    "erase" (chapter 11, after Patil et al. 2023: target_true's first token becomes unlikely after
+    every template, −log(1 − p(o)) at the template's last token); the KL term and the decay are ROME's.
+
     Returns {"delta": δ (d_model,), "v_init": v₀ (d_model,) at the bare prompt, "v_init_norm",
     "losses": [loss per step], "terms": the last step's loss terms, "forward_passes": number of
     optimisation forwards}."""
     if v_init_at not in ("mlp", "block"):
         raise ValueError(f"v_init_at must be 'mlp' (ROME) or 'block' (MEMIT), got {v_init_at!r}")
+    if objective not in ("write", "erase"):
+        raise ValueError(f"objective must be 'write' (ROME) or 'erase', got {objective!r}")
+    erase = objective == "erase"
     templates = templates or context_templates(mt)
-    subject, target = request["subject"], request["target_new"]["str"]
+    subject, target = request["subject"], request["target_true" if erase else "target_new"]["str"]
     prompts = [_fill(t, request) for t in templates] + [f"{subject} is a"]
     n_rw = len(templates)
-    ids, mask, labels = encode_with_targets(mt, prompts, [target] * n_rw + [None])
+    ids, mask, labels = encode_with_targets(mt, prompts, ([None] if erase else [target]) * n_rw + [None])
+    last, true_id = mask.sum(1)[:n_rw] - 1, first_token_id(mt, target)        # ("erase")
     lookup = torch.tensor([_last_subject_index(mt, p, subject) for p in prompts], device=mt.device)
     rows = torch.arange(len(prompts), device=mt.device)
 
@@ -660,10 +669,14 @@ def compute_v_star(mt: ModelAndTokenizer, request: dict, layer: int, hparams: RO
         opt.zero_grad()
         with lower_blocks_replayed(mt, layer, with_delta, block_out["raw"]):
             h = mt.model.transformer(input_ids=ids, attention_mask=mask).last_hidden_state
-        logp_t = torch.log_softmax(mt.model.lm_head(h[target_rows, target_pos]).float(), -1)
+        if erase:                    # log(1 − p(o)) at each template's last token
+            p_true = torch.softmax(mt.model.lm_head(h[rows[:n_rw], last]).float(), -1)[:, true_id]
+            recall_logp = torch.log1p(-p_true.clamp(max=1 - 1e-6))
+        else:                        # log p of each target token, teacher forced
+            logp_t = torch.log_softmax(mt.model.lm_head(h[target_rows, target_pos]).float(), -1)
+            recall_logp = logp_t[torch.arange(len(target_rows)), labels[target_rows, target_pos]]
         kl_now = torch.log_softmax(mt.model.lm_head(h[rows[n_rw:], lookup[n_rw:]]).float(), -1)
-        terms = v_star_loss(logp_t[torch.arange(len(target_rows)), labels[target_rows, target_pos]],
-                            kl_now, kl_logp_init, delta, v_init, hparams)
+        terms = v_star_loss(recall_logp, kl_now, kl_logp_init, delta, v_init, hparams)
         loss = terms["loss"]
         losses.append(loss.item())
         if loss.item() < hparams.early_stop_loss or step == hparams.v_num_grad_steps - 1:

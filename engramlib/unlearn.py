@@ -17,7 +17,8 @@ Methods, each a loss on the forget requests (f) and the retain requests (r):
   L = mean_f ‖h − c·u‖² / d + α mean_r ‖h − h_frozen‖² / d.
 - "rome_erase": ROME's machinery aimed at forgetting (Patil et al. 2023): for each fact a δ at ROME's
   layer that makes the true object unlikely (−log(1 − p(true)) instead of ROME's −log p(new)), under
-  ROME's KL constraint and weight decay (`rome.v_star_loss`), written as ROME's rank-one update.
+  ROME's KL constraint and weight decay (`rome.compute_v_star(..., objective="erase")`), written as
+  ROME's rank-one update.
 
 The losses follow locuslab/open-unlearning (src/trainer/utils.py `compute_dpo_loss`,
 src/trainer/unlearn/grad_diff.py, npo.py, rmu.py); tests/test_unlearn.py pins each against an
@@ -41,7 +42,7 @@ from engramlib import rome
 from engramlib.facts import Fact, counterfact_records, load_facts, paraphrase_prompts
 from engramlib.hooks import Trace, hidden_of, with_hidden
 from engramlib.models import (ModelAndTokenizer, accuracy, encode_with_targets, find_subject_range,
-                              first_token_id, known_facts)
+                              known_facts)
 
 METHODS = ("gradient_ascent", "grad_diff", "npo", "rmu", "rome_erase")
 
@@ -420,58 +421,6 @@ def _rmu(mt, forget, retain, hp, run, progress, seed):
             run.losses.append(terms["loss"].item())
 
 
-def erase_delta(mt: ModelAndTokenizer, request: dict, layer: int, rome_hp: rome.ROMEHyperParams,
-                hp: UnlearnHyperParams, templates: list) -> torch.Tensor:
-    """ROME's v* search turned to forgetting: δ (d_model,) added to the MLP output of `layer` at the
-    last subject token that makes the true object's first token unlikely after every context template,
-    loss −mean log(1 − p(true)) + KL + weight decay (`rome.v_star_loss`, ROME's KL prompt "{s} is a",
-    its clamp); only the blocks above `layer` run in the loop (`rome.lower_blocks_replayed`)."""
-    subject = request["subject"]
-    prompts = [rome._fill(t, request) for t in templates] + [f"{subject} is a"]
-    n_rw = len(templates)
-    ids, mask, _ = encode_with_targets(mt, prompts, [None] * len(prompts))
-    rows = torch.arange(len(prompts), device=mt.device)
-    lookup = torch.tensor([rome._last_subject_index(mt, p, subject) for p in prompts], device=mt.device)
-    last = mask.sum(1) - 1
-    true_id = first_token_id(mt, _true(request))
-    raw = {}
-    hook = mt.module(mt.spec.layer, layer).register_forward_hook(lambda m, i, o: raw.update(out=o))
-    try:
-        with torch.no_grad(), Trace(mt.model, mt.spec.mlp.format(layer)) as t_mlp:
-            h = mt.model.transformer(input_ids=ids, attention_mask=mask).last_hidden_state
-            kl_init = torch.log_softmax(mt.model.lm_head(h[rows[n_rw:], lookup[n_rw:]]).float(), -1)
-    finally:
-        hook.remove()
-    h_layer = hidden_of(raw["out"]).detach()
-    v_init = t_mlp.output[0, lookup[0]].float()
-    delta = torch.zeros(mt.model.config.n_embd, device=mt.device, requires_grad=True)
-
-    def with_delta():
-        out = h_layer.clone()
-        out[rows, lookup] = out[rows, lookup] + delta.to(out.dtype)
-        return out
-
-    settings = replace(rome_hp, kl_factor=hp.erase_kl_factor)
-    opt = torch.optim.Adam([delta], lr=rome_hp.v_lr)
-    for _ in range(hp.erase_steps):
-        with rome.lower_blocks_replayed(mt, layer, with_delta, raw["out"]):
-            h = mt.model.transformer(input_ids=ids, attention_mask=mask).last_hidden_state
-        logp = torch.log_softmax(mt.model.lm_head(h[rows[:n_rw], last[:n_rw]]).float(), -1)[:, true_id]
-        not_true = torch.log1p(-logp.exp().clamp(max=1 - 1e-6))          # log(1 − p(true))
-        kl_now = torch.log_softmax(mt.model.lm_head(h[rows[n_rw:], lookup[n_rw:]]).float(), -1)
-        loss = rome.v_star_loss(not_true, kl_now, kl_init, delta, v_init, settings)["loss"]
-        if loss.item() < rome_hp.early_stop_loss:
-            break
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            max_norm = rome_hp.clamp_norm_factor * v_init.norm()
-            if delta.norm() > max_norm:
-                delta.mul_(max_norm / delta.norm())
-    return delta.detach()
-
-
 def _rome_erase(mt, forget, hp, run, progress):
     rome_hp = rome.get_hparams(mt)
     layer = rome_hp.layer
@@ -480,11 +429,12 @@ def _rome_erase(mt, forget, hp, run, progress):
         rome.context_templates(mt, hp.erase_context_lengths, rome_hp.template_starts)
     C_inv = rome.inverse_key_covariance(mt, layer, rome_hp.mom2_n_samples, progress=progress)
     module = mt.module(mt.spec.mlp_out, layer)
+    erase_hp = replace(rome_hp, kl_factor=hp.erase_kl_factor, v_num_grad_steps=hp.erase_steps)
     for request in tqdm(forget, desc="rome_erase", disable=not progress):
         keys = rome.template_keys(mt, request, layer, templates)
         k_star = rome.compute_k_star(mt, request, layer, templates, rome_hp.bare_prompt_weight)
         k_write = keys[0] if rome_hp.update_at == "bare_prompt" else k_star
-        delta = erase_delta(mt, request, layer, rome_hp, hp, search)
+        delta = rome.compute_v_star(mt, request, layer, erase_hp, search, objective="erase")["delta"]
         W = rome._out_in(module, module.weight.detach().float())
         W_new = rome.rome_weight_update(W, k_star, k_write, delta, C_inv.to(W.device))
         with torch.no_grad():
@@ -618,6 +568,46 @@ def report(mt: ModelAndTokenizer, fs: ForgetSet, texts=None, generated: bool = T
     if texts:
         out["perplexity"] = perplexity(mt, texts)
     return out
+
+
+# --- the gold standard: a TinyWorld that never knew ------------------------------------------------------
+
+RETAIN_MODEL_NAME = "tinyworld-retain"
+
+
+def retain_model_subjects() -> list:
+    """The subjects whose facts the shipped retain model never read (`tinyworld/retain/forget_subjects.txt`):
+    the 20 of `make_forget_set("entities", 20, seed=0)` on TinyWorld."""
+    from engramlib.tinyworld import RETAIN_DIR
+    return [line.strip() for line in (RETAIN_DIR / "forget_subjects.txt").read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+
+
+def load_retain_model(device: str | None = None) -> ModelAndTokenizer:
+    """TinyWorld trained by the same recipe (corpus seed, steps, tokenizer) on a corpus without the
+    facts of `retain_model_subjects()`: exact unlearning, TOFU's "retain model", the model an unlearned
+    TinyWorld should resemble. Stored in float16, returned in float32 on `device` (default: the best)."""
+    from transformers import GPT2LMHeadModel, GPT2TokenizerFast
+    from engramlib.models import prepare_tokenizer
+    from engramlib.settings import pick_device
+    from engramlib.tinyworld import RETAIN_DIR
+    if not (RETAIN_DIR / "model.safetensors").exists():
+        raise FileNotFoundError(f"the retain model is missing from {RETAIN_DIR}; train it: python -m "
+                                "engramlib.tinyworld.train --out DIR --tokenizer engramlib/tinyworld/weights "
+                                "--exclude-subjects engramlib/tinyworld/retain/forget_subjects.txt --half")
+    model = GPT2LMHeadModel.from_pretrained(RETAIN_DIR).float()       # stored in float16
+    model.eval().requires_grad_(False).to(device or pick_device())
+    tokenizer = prepare_tokenizer(GPT2TokenizerFast.from_pretrained(RETAIN_DIR))
+    return ModelAndTokenizer(model=model, tokenizer=tokenizer, name=RETAIN_MODEL_NAME)
+
+
+def check_never_read(fs: "ForgetSet") -> None:
+    """Raise ValueError unless every subject of `fs` is one the retain model never read (only then is
+    it the gold standard for that forget set)."""
+    missing = sorted(set(fs.subjects) - set(retain_model_subjects()))
+    if missing:
+        raise ValueError(f"the retain model did read {missing}: it is the gold standard only for "
+                         f"make_forget_set('entities', n <= 20, seed=0) on TinyWorld")
 
 
 # --- probe 1: relearning (Deeb & Roger 2024) -------------------------------------------------------------

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from engramlib import checks
-from engramlib.unlearn import activation_mse, npo_loss, sequence_logp
+from engramlib.unlearn import activation_mse, npo_loss, sequence_logp, token_nll
 
 
 def expect(check, fn, message):
@@ -17,8 +17,17 @@ def _logp(logits, labels):
     return (logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (labels != -100)).sum(1)
 
 
-def test_npo_loss(capsys):
-    checks.npo_loss(lambda logits, labels, ref, beta: npo_loss(sequence_logp(logits, labels), ref, beta))
+def reference_objective(logits, labels, ref, beta, r_logits, r_labels, alpha):
+    return npo_loss(sequence_logp(logits, labels), ref, beta) + alpha * token_nll(r_logits, r_labels)
+
+
+def with_retain(forget_loss):
+    """An objective whose forget term is `forget_loss(logits, labels, ref, beta)`, retain term right."""
+    return lambda lo, la, ref, b, rlo, rla, a: forget_loss(lo, la, ref, b) + a * token_nll(rlo, rla)
+
+
+def test_npo_objective(capsys):
+    checks.npo_objective(reference_objective)
     assert "✓" in capsys.readouterr().out
     F = torch.nn.functional
 
@@ -29,15 +38,25 @@ def test_npo_loss(capsys):
         lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1).sum(1)
         return npo_loss(lp, ref, beta)
 
-    expect(checks.npo_loss, per_token_mean, "SUM")
-    expect(checks.npo_loss, unmasked, "-100")
-    expect(checks.npo_loss, lambda lo, la, ref, b: -(2 / b) * F.logsigmoid(b * (_logp(lo, la) - ref)).mean(),
-           "wrong sign")
-    expect(checks.npo_loss, lambda lo, la, ref, b: -F.logsigmoid(-b * (_logp(lo, la) - ref)).mean(), "2/β")
-    expect(checks.npo_loss, lambda lo, la, ref, b: npo_loss(_logp(lo, la), torch.zeros_like(ref), b), "reference")
-    expect(checks.npo_loss, lambda lo, la, ref, b: -(2 / b) * F.logsigmoid(-b * (_logp(lo, la) - ref)), "one loss per row")
-    expect(checks.npo_loss, lambda lo, la, ref, b: -(2 / b) * F.logsigmoid(-b * (_logp(lo, la) - ref)).sum(), "summed")
-    expect(checks.npo_loss, lambda lo, la, ref, b: None, "expected a tensor")
+    npo = checks.npo_objective
+    expect(npo, with_retain(per_token_mean), "SUM")
+    expect(npo, with_retain(unmasked), "-100")
+    expect(npo, with_retain(lambda lo, la, ref, b: -(2 / b) * F.logsigmoid(b * (_logp(lo, la) - ref)).mean()),
+           "wrong sign inside")
+    expect(npo, with_retain(lambda lo, la, ref, b: -F.logsigmoid(-b * (_logp(lo, la) - ref)).mean()), "2/β")
+    expect(npo, with_retain(lambda lo, la, ref, b: npo_loss(_logp(lo, la), torch.zeros_like(ref), b)), "reference")
+    expect(npo, lambda lo, la, ref, b, *_: -(2 / b) * F.logsigmoid(-b * (_logp(lo, la) - ref)), "one loss per row")
+    expect(npo, with_retain(lambda lo, la, ref, b: -(2 / b) * F.logsigmoid(-b * (_logp(lo, la) - ref)).sum()),
+           "summed")
+    expect(npo, lambda *args: None, "expected a tensor")
+    forget = lambda lo, la, ref, b: npo_loss(_logp(lo, la), ref, b)                       # noqa: E731
+    expect(npo, lambda lo, la, ref, b, rlo, rla, a: forget(lo, la, ref, b), "retain term is missing")
+    expect(npo, lambda lo, la, ref, b, rlo, rla, a: forget(lo, la, ref, b) - a * token_nll(rlo, rla), "sign")
+    expect(npo, lambda lo, la, ref, b, rlo, rla, a: a * forget(lo, la, ref, b) + token_nll(rlo, rla),
+           "not the forget term")
+    expect(npo, lambda lo, la, ref, b, rlo, rla, a: forget(lo, la, ref, b)
+           + a * (-_logp(rlo, rla) / (rla != -100).sum(1)).mean(), "ALL labelled")
+    expect(npo, lambda lo, la, ref, b, rlo, rla, a: forget(lo, la, ref, b) - a * _logp(rlo, rla).mean(), "MEAN")
 
 
 def test_activation_mse(capsys):

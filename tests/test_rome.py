@@ -64,6 +64,22 @@ def test_v_star_loss_falls_and_delta_respects_the_clamp(tinyworld, tw_templates)
     assert out["delta"].norm() <= 0.05 * out["v_init_norm"] * (1 + 1e-5)
 
 
+def test_v_star_erase_objective_starts_at_minus_log_one_minus_p_true_and_lowers_it(tinyworld, tw_templates):
+    """objective="erase" (chapter 11): at δ = 0 the loss is −mean log(1 − p(o)) over the templates,
+    p(o) the true object's first token after each filled template (KL and decay are 0 there)."""
+    from engramlib.models import first_token_id, next_token_probs
+    mt = tinyworld
+    hp = replace(rome.get_hparams(mt), early_stop_loss=0.0, v_num_grad_steps=8)
+    request = rome.check_request(mt, REQUEST)
+    prompts = [t.format(REQUEST["prompt"]).format(REQUEST["subject"]) for t in tw_templates]
+    p_true = next_token_probs(mt, prompts)[:, first_token_id(mt, "Seattle")].double()
+    out = rome.compute_v_star(mt, request, hp.layer, hp, tw_templates, objective="erase")
+    assert out["losses"][0] == pytest.approx(-torch.log1p(-p_true).mean().item(), rel=1e-4)
+    assert out["losses"][-1] < 0.5 * out["losses"][0]
+    with pytest.raises(ValueError, match="objective"):
+        rome.compute_v_star(mt, request, hp.layer, hp, tw_templates, objective="forget")
+
+
 def test_v_star_loss_terms_match_the_reference_formulas():
     """NLL = mean −log p; KL(P_new ‖ P_init) = Σ p_new (log p_new − log p_init) (ROME's compute_v.py
     calls kl_div(init, new)); decay = w ‖δ‖ / ‖v₀‖² (the norm, not its square)."""

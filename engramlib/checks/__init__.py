@@ -15,4 +15,4 @@ from engramlib.checks.ch07_rome import key_at_subject, v_star_delta, conv1d_rank
 from engramlib.checks.ch08_evaluation import edit_success, combined_score, edit_scores, neighbour_answer, kept_answer, FULL_SIZE_08  # noqa: F401
 from engramlib.checks.ch09_mass_editing import mass_update, alphaedit_update, disabling_steps, paraphrase_choices, speed_choices  # noqa: F401
 from engramlib.checks.ch10_limits import trace_beyond_layer, two_hop_checks, generate_answer  # noqa: F401
-from engramlib.checks.ch11_unlearning import npo_loss, activation_mse, project_out  # noqa: F401
+from engramlib.checks.ch11_unlearning import npo_objective, activation_mse, project_out  # noqa: F401

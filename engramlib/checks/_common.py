@@ -44,6 +44,21 @@ def _call(fn, *args, shape_hint: str = "", **kwargs):
         _fail(f"your function raised a shape error ({text}). {shape_hint}")
     _fail(f"your function raised {type(problem).__name__}: {text}")
 
+def _tensor(got, what: str, shape: tuple | None = None, transpose_hint: str = ""):
+    """The student's result `got` if it is a tensor (of `shape`, when given), else one clear failure.
+    what: the name of what should have been returned ("the loss", "ΔW"); transpose_hint: added when
+    `got` has the transpose of a 2-d `shape`. A shape of () accepts any single-element tensor."""
+    if not torch.is_tensor(got):
+        _fail(f"expected a tensor, got {type(got).__name__}: did you forget to return {what}?")
+    if shape == ():
+        if got.numel() != 1:
+            _fail(f"expected {what} as a scalar, got shape {tuple(got.shape)}")
+        return got.reshape(())
+    if shape is not None and tuple(got.shape) != tuple(shape):
+        flipped = len(shape) == 2 and tuple(got.shape) == tuple(shape)[::-1]
+        _fail(f"expected {what} of shape {tuple(shape)}, got " +
+              (f"its transpose{transpose_hint}" if flipped else str(tuple(got.shape))))
+    return got
 
 
 def _close(a, b, tol=1e-6) -> bool:

@@ -107,6 +107,16 @@ def _row_probs(mt, inputs, restore: dict) -> torch.Tensor:
     return probs[:, inputs.answer_id].cpu()
 
 
+def _space_needle_case(mt) -> tuple:
+    """The trace checks' case: (prompt, subject, (start, end) of the subject's tokens, noise draws
+    [3, subject tokens, d] from `_draws`, the `TraceInputs` that `tracing.trace_loop` would prepare)."""
+    from engramlib.models import find_subject_range
+    prompt, subject = "The Space Needle is located in the city of", "Space Needle"
+    start, end = find_subject_range(mt.tokenizer, prompt, subject)
+    draws = _draws(mt, subject, end - start)
+    return prompt, subject, (start, end), draws, _trace_inputs(mt, prompt, subject, draws)
+
+
 def _draws(mt, subject: str, subject_tokens: int, samples: int = 3, seed: int = 0) -> torch.Tensor:
     """Noise draws [samples, subject tokens, d] at 3 σ of the subject's embeddings, from the check's
     own generator (nothing depends on the library's random numbers)."""
@@ -123,13 +133,9 @@ def restore_one_state(fn, mt=None):
     The answer is the clean run's top prediction. Checked step by step: the corrupted run first,
     then three restored sites, each against the same computation as `tracing.trace_loop`'s."""
     from engramlib.hooks import Trace
-    from engramlib.models import find_subject_range
     from engramlib.trace_inputs import _corrupt
     mt = _tinyworld(mt)
-    prompt, subject = "The Space Needle is located in the city of", "Space Needle"
-    start, end = find_subject_range(mt.tokenizer, prompt, subject)
-    draws = _draws(mt, subject, end - start)
-    inputs = _trace_inputs(mt, prompt, subject, draws)
+    prompt, subject, (start, end), draws, inputs = _space_needle_case(mt)
     T, L = inputs.ids.shape[1], mt.n_layers
     block = mt.spec.layer.format
     tol = 1e-4
@@ -287,12 +293,8 @@ def attribution_patching(fn, mt=None):
     p(answer) with block l's output at token t restored, low_score + the mean over the corrupted
     copies of (h_clean − h_corrupt) · ∂p/∂h_corrupt, from one forward and one backward pass.
     The answer is the clean run's top prediction."""
-    from engramlib.models import find_subject_range
     mt = _tinyworld(mt)
-    prompt, subject = "The Space Needle is located in the city of", "Space Needle"
-    start, end = find_subject_range(mt.tokenizer, prompt, subject)
-    draws = _draws(mt, subject, end - start)
-    inputs = _trace_inputs(mt, prompt, subject, draws)
+    prompt, subject, (start, end), draws, inputs = _space_needle_case(mt)
     T, L = inputs.ids.shape[1], mt.n_layers
     got = _call(fn, mt, prompt, subject, draws, shape_hint="noise_draws has one row per CORRUPTED copy: "
                 "the batch has len(noise_draws) + 1 rows, row 0 clean")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from engramlib.checks._common import _call, _close, _fail, _ok
+from engramlib.checks._common import _call, _close, _fail, _ok, _tensor
 
 
 def _toy(n_new=3, d_in=6, d_out=4, seed=0):
@@ -25,14 +25,9 @@ def mass_update(fn):
     got = _call(fn, K.clone(), R.clone(), C.clone(), lam,
                 shape_hint="K is (n, d_in) with one key per ROW; the square matrices of the normal equations "
                            "are (d_in, d_in), like C")
-    if not torch.is_tensor(got):
-        _fail(f"expected a tensor, got {type(got).__name__}: did you forget to return ΔW?")
     d_out, d_in = R.shape[1], K.shape[1]
-    if got.shape == (d_in, d_out):
-        _fail(f"expected ΔW of shape (d_out, d_in) = ({d_out}, {d_in}), got its transpose: the update maps "
-              "keys (d_in) to values (d_out), like W itself")
-    if got.shape != (d_out, d_in):
-        _fail(f"expected ΔW of shape (d_out, d_in) = ({d_out}, {d_in}), got {tuple(got.shape)}")
+    _tensor(got, "ΔW (d_out, d_in)", (d_out, d_in),
+            ": the update maps keys (d_in) to values (d_out), like W itself")
     inv = torch.linalg.inv
     A = lam * C + K.T @ K
     ref = R.T @ K @ inv(A)
@@ -73,13 +68,8 @@ def alphaedit_update(fn):
     threshold, alpha = 1e-6, 0.5
     got = _call(fn, K.clone(), R.clone(), C.clone(), threshold, Kp_cov.clone(), alpha,
                 shape_hint="K is (n, d_in) with one key per row; P, C and K_prev_cov are (d_in, d_in)")
-    if not torch.is_tensor(got):
-        _fail(f"expected a tensor, got {type(got).__name__}: did you forget to return ΔW?")
     d_out, d_in = R.shape[1], K.shape[1]
-    if got.shape == (d_in, d_out):
-        _fail(f"expected ΔW of shape (d_out, d_in) = ({d_out}, {d_in}), got its transpose")
-    if got.shape != (d_out, d_in):
-        _fail(f"expected ΔW of shape (d_out, d_in) = ({d_out}, {d_in}), got {tuple(got.shape)}")
+    _tensor(got, "ΔW (d_out, d_in)", (d_out, d_in))
     got = got.double()
     P = nullspace_projection(C, threshold).double()
     ref = alphaedit_weight_update(K, R, P, Kp_cov, alpha).double()

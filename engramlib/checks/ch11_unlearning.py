@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from engramlib.checks._common import _call, _close, _fail, _ok
+from engramlib.checks._common import _call, _close, _fail, _ok, _tensor
 
 
 def _toy_batch(seed=0):
@@ -17,32 +17,24 @@ def _toy_batch(seed=0):
     return logits, labels
 
 
-def npo_loss(fn):
-    """Exercise 11.1: fn(logits, labels, ref_logp, beta) -> NPO's forget loss (a scalar):
-    −(2/β) mean_i log σ(−β (log π_θ(y_i|x_i) − ref_logp_i)), log π the SUM of the labelled tokens'
-    log-probabilities of row i (Zhang et al. 2024)."""
-    from engramlib.unlearn import npo_loss as reference, sequence_logp
-    logits, labels = _toy_batch()
-    logp = sequence_logp(logits, labels).double()
-    ref_logp = logp.detach() + torch.tensor([0.7, -0.4, 1.5], dtype=torch.float64)
-    beta = 0.5
-    got = _call(fn, logits.clone(), labels.clone(), ref_logp.clone(), beta,
-                shape_hint="logits are [n, T, vocab], labels [n, T]: gather the label's log-probability "
-                           "along the last dimension")
-    if not torch.is_tensor(got):
-        _fail(f"expected a tensor, got {type(got).__name__}: did you forget to return the loss?")
-    if got.numel() == 3:
-        _fail("you returned one loss per row: NPO's loss is their mean (a scalar)")
-    if got.numel() != 1:
-        _fail(f"expected a scalar loss, got shape {tuple(got.shape)}")
-    got = got.double().reshape(())
+def _retain_batch(seed=1):
+    """Retain logits [2, 4, 7] (float64) and labels [2, 4]: rows with 3 and 1 labelled tokens."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, 4, 7, generator=g, dtype=torch.float64) * 2
+    labels = torch.full((2, 4), -100)
+    labels[0, 1:4] = torch.tensor([2, 4, 6])
+    labels[1, 0] = 1
+    return logits, labels
+
+
+def _npo_forget_part(got, logits, labels, logp, ref_logp, beta):
+    """Diagnose the forget term (the student's objective at α = 0) against NPO's formula."""
+    from engramlib.unlearn import npo_loss as reference
     want = reference(logp, ref_logp, beta)
     if _close(got, want, 1e-6):
-        _ok("npo_loss")
         return
     keep = labels != -100
-    lp_mean = logp / keep.sum(1)
-    if _close(got, reference(lp_mean, ref_logp, beta), 1e-6):
+    if _close(got, reference(logp / keep.sum(1), ref_logp, beta), 1e-6):
         _fail("you averaged the log-probabilities over each row's tokens: NPO uses the sequence "
               "log-probability, their SUM")
     logp_all = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1).sum(1)
@@ -50,14 +42,64 @@ def npo_loss(fn):
         _fail("positions with label -100 were counted: mask them out (they predict no target token)")
     if _close(got, -(2 / beta) * torch.nn.functional.logsigmoid(beta * (logp - ref_logp)).mean(), 1e-6):
         _fail("wrong sign inside σ: NPO rewards a LOWER log π_θ than the reference, σ(−β (log π_θ − log π_ref))")
-    if _close(got, reference(logp, ref_logp, beta) * beta / 2, 1e-6) or \
-            _close(got, reference(logp, ref_logp, beta) / 2, 1e-6):
+    if _close(got, want * beta / 2, 1e-6) or _close(got, want / 2, 1e-6):
         _fail("the factor in front is 2/β (it makes the gradient equal gradient ascent's at the start)")
     if _close(got, reference(logp, torch.zeros_like(ref_logp), beta), 1e-6):
         _fail("the reference is missing: subtract ref_logp, the log-probability before unlearning")
     if _close(got, -(2 / beta) * torch.log(torch.sigmoid(-beta * (logp - ref_logp))).sum(), 1e-6):
         _fail("you summed over the rows: take the mean")
-    _fail(f"expected {want.item():.5f}, got {got.item():.5f}: check the formula −(2/β)·mean log σ(−β Δ)")
+    _fail(f"with alpha = 0 (the forget term alone) expected {want.item():.5f}, got {got.item():.5f}: "
+          "check the formula −(2/β)·mean log σ(−β Δ)")
+
+
+def npo_objective(fn):
+    """Exercise 11.1: fn(logits, labels, ref_logp, beta, retain_logits, retain_labels, alpha) -> NPO's
+    objective, a scalar: −(2/β) mean_i log σ(−β (log π_θ(y_i|x_i) − ref_logp_i)) + α · NLL_retain,
+    log π the SUM of row i's labelled tokens' log-probabilities (Zhang et al. 2024) and NLL_retain the
+    mean negative log-probability over ALL labelled retain tokens (open-unlearning's retain loss).
+    The forget term is checked alone (α = 0), then the retain term from the difference."""
+    from engramlib.unlearn import sequence_logp, token_nll
+    logits, labels = _toy_batch()
+    r_logits, r_labels = _retain_batch()
+    logp = sequence_logp(logits, labels).double()
+    ref_logp = logp.detach() + torch.tensor([0.7, -0.4, 1.5], dtype=torch.float64)
+    beta, alpha = 0.5, 2.0
+
+    def objective(a):
+        got = _call(fn, logits.clone(), labels.clone(), ref_logp.clone(), beta, r_logits.clone(),
+                    r_labels.clone(), a,
+                    shape_hint="logits are [n, T, vocab], labels [n, T]: gather the label's log-probability "
+                               "along the last dimension")
+        if torch.is_tensor(got) and got.numel() == 3:
+            _fail("you returned one loss per row: NPO's loss is their mean (a scalar)")
+        return _tensor(got, "the loss", ()).double()
+
+    nll = token_nll(r_logits, r_labels).double()
+    forget = objective(0.0)
+    if _close(forget, nll, 1e-6):
+        _fail("with alpha = 0 your objective is the retain NLL: alpha weights the retain term, not the forget term")
+    _npo_forget_part(forget, logits, labels, logp, ref_logp, beta)
+    full = objective(alpha)
+    if _close(full, forget + alpha * nll, 1e-6):
+        _ok("npo_objective")
+        return
+    if _close(full, forget, 1e-6):
+        _fail("the retain term is missing: add alpha times the retain NLL")
+    if _close(full, forget - alpha * nll, 1e-6):
+        _fail("wrong sign of the retain term: its NLL is to be MINIMISED, add it")
+    if _close(full, alpha * forget + nll, 1e-6):
+        _fail("alpha weights the retain term, not the forget term")
+    r_keep = r_labels != -100
+    per_row = (-sequence_logp(r_logits, r_labels).double() / r_keep.sum(1)).mean()
+    if _close(full, forget + alpha * per_row, 1e-6):
+        _fail("you averaged each retain row over its tokens, then the rows: the retain NLL is the mean "
+              "over ALL labelled retain tokens of the batch (what Hugging Face's outputs.loss returns)")
+    if _close(full, forget - alpha * sequence_logp(r_logits, r_labels).double().sum(), 1e-6) or \
+            _close(full, forget - alpha * sequence_logp(r_logits, r_labels).double().mean(), 1e-6):
+        _fail("the retain NLL is a MEAN over the labelled tokens (sequence log-probabilities are for the "
+              "forget term only)")
+    _fail(f"with alpha = {alpha} expected {(forget + alpha * nll).item():.5f}, got {full.item():.5f}: "
+          "check the retain term, the mean NLL of the labelled retain tokens")
 
 
 def activation_mse(fn):
@@ -72,13 +114,9 @@ def activation_mse(fn):
     h_copy = h.clone()
     got = _call(fn, h, target.clone(), mask.clone(),
                 shape_hint="h is [n, T, d]; target (d,) broadcasts against it; the mask is [n, T]")
-    if not torch.is_tensor(got):
-        _fail(f"expected a tensor, got {type(got).__name__}: did you forget to return?")
     if not torch.equal(h, h_copy):
         _fail("your function changed h in place: compute a new tensor")
-    if got.numel() != 1:
-        _fail(f"expected a scalar, got shape {tuple(got.shape)}: average over features, tokens and rows")
-    got = got.double().reshape(())
+    got = _tensor(got, "the distance (averaged over features, tokens and rows)", ()).double()
     want = reference(h, target, mask)
     if _close(got, want, 1e-9):
         _ok("activation_mse")
@@ -106,14 +144,10 @@ def project_out(fn):
     h_copy = h.clone()
     got = _call(fn, h, r.clone(), shape_hint="h is [n, T, d] and direction (d,): h @ r̂ is [n, T]; "
                                               "unsqueeze(-1) it before multiplying by r̂")
-    if not torch.is_tensor(got):
-        _fail(f"expected a tensor, got {type(got).__name__}: did you forget to return?")
     if not torch.equal(h, h_copy):
         _fail("your function changed h in place: return a new tensor (the model's activations "
               "must not be overwritten behind autograd's back)")
-    if got.shape != h.shape:
-        _fail(f"expected h's shape {tuple(h.shape)}, got {tuple(got.shape)}")
-    got = got.double()
+    got = _tensor(got, "h without the direction, in h's shape", tuple(h.shape)).double()
     r_hat = r / r.norm()
     want = h - (h @ r_hat).unsqueeze(-1) * r_hat
     if _close(got, want, 1e-9):

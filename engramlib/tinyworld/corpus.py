@@ -98,10 +98,16 @@ def make_row(rng: random.Random, facts, by_subject: dict, min_chars: int = 260) 
     return " ".join(sentences)
 
 
-def generate_corpus(n_rows: int, seed: int = 0) -> list:
-    """`n_rows` training rows (strings). Deterministic in (n_rows, seed)."""
+def generate_corpus(n_rows: int, seed: int = 0, exclude_subjects=()) -> list:
+    """`n_rows` training rows (strings). Deterministic in (n_rows, seed, exclude_subjects).
+    exclude_subjects: subjects whose facts never appear (the text a model that never knew them
+    reads: chapter 11's gold standard for unlearning)."""
     rng = random.Random(seed)
-    facts = load_facts()
+    excluded = set(exclude_subjects)
+    facts = [f for f in load_facts() if f.subject not in excluded]
+    unknown = excluded - {f.subject for f in load_facts()}
+    if unknown:
+        raise ValueError(f"subjects not in the fact table: {sorted(unknown)}")
     by_subject = {}
     for f in facts:
         by_subject.setdefault(f.subject, []).append(f)

@@ -6,6 +6,11 @@ Steps: generate the corpus (`corpus.py`), train a byte-level BPE tokenizer on pa
 (GPT-2's convention: a leading space belongs to the word), train a `GPT2LMHeadModel` with AdamW,
 and save model + tokenizer as safetensors into `--out`. Writing into the package's own `weights/`
 (the model every chapter loads) needs `--overwrite-shipped`.
+
+Chapter 11's gold standard ("a model that never knew"): `--tokenizer DIR` reuses a trained tokenizer
+(the shipped one: the same token ids, so the two models can be compared prompt by prompt) and
+`--exclude-subjects FILE` (one subject per line) leaves those subjects' facts out of the corpus;
+`--half` saves the weights in float16 (half the size; load them with `.float()`).
 """
 from __future__ import annotations
 
@@ -41,6 +46,16 @@ def train_tokenizer(texts, vocab_size: int, out_dir: Path):
     return tok
 
 
+def reuse_tokenizer(tokenizer_dir: Path, out_dir: Path):
+    """The tokenizer saved in `tokenizer_dir` (e.g. the shipped TinyWorld's), copied into `out_dir`."""
+    from transformers import GPT2TokenizerFast
+
+    tok = GPT2TokenizerFast.from_pretrained(tokenizer_dir)
+    tok.pad_token = tok.eos_token
+    tok.save_pretrained(out_dir)
+    return tok
+
+
 def lr_at(step: int, cfg: dict) -> float:
     """Linear warm-up, then cosine decay to 10 % of the peak learning rate."""
     if step < cfg["warmup"]:
@@ -58,8 +73,11 @@ def encode_rows(tok, rows, max_len: int) -> torch.Tensor:
     return ids
 
 
-def train(out_dir: Path, **overrides) -> dict:
-    """Train and save TinyWorld; returns a dict of training statistics."""
+def train(out_dir: Path, tokenizer_dir: Path | None = None, exclude_subjects=(), half: bool = False,
+          **overrides) -> dict:
+    """Train and save TinyWorld; returns a dict of training statistics.
+    tokenizer_dir: reuse that tokenizer instead of training one. exclude_subjects: their facts are
+    left out of the corpus. half: save the weights in float16."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = {**TRAIN, **{k: v for k, v in overrides.items() if k in TRAIN}}
@@ -69,8 +87,11 @@ def train(out_dir: Path, **overrides) -> dict:
     torch.manual_seed(cfg["seed"])
     t0 = time.time()
 
-    rows = generate_corpus(cfg["steps"] * cfg["batch_size"], seed=cfg["seed"])
-    tok = train_tokenizer(rows[:cfg["tokenizer_rows"]], model_cfg["vocab_size"], out_dir)
+    rows = generate_corpus(cfg["steps"] * cfg["batch_size"], seed=cfg["seed"], exclude_subjects=exclude_subjects)
+    if tokenizer_dir is None:
+        tok = train_tokenizer(rows[:cfg["tokenizer_rows"]], model_cfg["vocab_size"], out_dir)
+    else:
+        tok = reuse_tokenizer(tokenizer_dir, out_dir)
     data = encode_rows(tok, rows, cfg["max_len"])
     print(f"corpus: {len(rows)} rows, {int((data >= 0).sum())} tokens, "
           f"{time.time() - t0:.0f} s to build")
@@ -108,10 +129,12 @@ def train(out_dir: Path, **overrides) -> dict:
         if cfg["checkpoint_every"] and step and step % cfg["checkpoint_every"] == 0:
             model.save_pretrained(out_dir / f"checkpoint-{step}", safe_serialization=True)
     model.eval()
-    model.save_pretrained(out_dir, safe_serialization=True)
+    n_parameters = sum(p.numel() for p in model.parameters())
+    model.to(torch.float16 if half else torch.float32).save_pretrained(out_dir, safe_serialization=True)
     stats = {"final_loss": sum(losses[-100:]) / len(losses[-100:]),
              "train_seconds": round(time.time() - t0), "config": model_cfg, "train": cfg,
-             "n_parameters": sum(p.numel() for p in model.parameters())}
+             "n_parameters": n_parameters, "tokenizer": "reused" if tokenizer_dir else "trained",
+             "excluded_subjects": sorted(exclude_subjects), "saved_dtype": "float16" if half else "float32"}
     (out_dir / "training_stats.json").write_text(json.dumps(stats, indent=1))
     return stats
 
@@ -126,12 +149,20 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2,
                         help="torch threads (2 cores: 2 if nothing else runs, else 1)")
     parser.add_argument("--n-layer", type=int, default=CONFIG["n_layer"])
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help=f"reuse the tokenizer in this folder (e.g. {WEIGHTS_DIR}) instead of training one")
+    parser.add_argument("--exclude-subjects", type=Path, default=None,
+                        help="a text file, one subject per line: their facts are left out of the corpus")
+    parser.add_argument("--half", action="store_true", help="save the weights in float16")
     args = parser.parse_args(argv)
     if args.out.resolve() == WEIGHTS_DIR.resolve() and not args.overwrite_shipped:
         parser.error(f"--out {args.out} is the package's shipped weights, which every chapter "
                      "loads: choose another folder, or pass --overwrite-shipped to replace them")
     torch.set_num_threads(args.threads)
-    stats = train(args.out, steps=args.steps, n_layer=args.n_layer)
+    excluded = ([line.strip() for line in args.exclude_subjects.read_text(encoding="utf-8").splitlines()
+                 if line.strip()] if args.exclude_subjects else [])
+    stats = train(args.out, tokenizer_dir=args.tokenizer, exclude_subjects=excluded, half=args.half,
+                  steps=args.steps, n_layer=args.n_layer)
     print(json.dumps({k: stats[k] for k in ("final_loss", "train_seconds", "n_parameters")}))
 
 

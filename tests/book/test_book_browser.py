@@ -5,7 +5,6 @@ Screenshots go to $BROWSER_SCREENSHOTS (default browser-screenshots/) for a pers
 import functools
 import http.server
 import os
-import shutil
 import sys
 import threading
 from pathlib import Path
@@ -13,14 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = os.environ.get("CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
-SHOTS = Path(os.environ.get("BROWSER_SCREENSHOTS", ROOT / "browser-screenshots"))
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
-
-playwright = pytest.importorskip("playwright.sync_api")
-if not Path(CHROMIUM).exists():
-    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM)", allow_module_level=True)
+sys.path.insert(0, str(ROOT / "tests"))
+from chromium import SHOTS, browser  # noqa: E402,F401  (browser: the fixture; skips without Chromium)
 
 sys.path.insert(0, str(ROOT / "tools"))
 import build_book  # noqa: E402
@@ -46,14 +39,6 @@ def server(site):
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with playwright.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        yield b
-        b.close()
 
 
 @pytest.mark.parametrize("name", pages_to_open())
