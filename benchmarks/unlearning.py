@@ -26,7 +26,7 @@ def run_kind(mt, kind: str, args) -> list:
     fs = U.make_forget_set(kind, args.subjects, n_retain=args.retain, n_heldout=args.heldout,
                            seed=args.seed, mt=mt)
     texts = heldout_texts(mt, args.texts, avoid=fs.subjects)
-    forget = U.requests_from_facts(fs.forget, phrasings=args.phrasings)
+    forget = U.requests_from_facts(fs.forget)      # each method adds its hparams.forget_phrasings
     retain = U.requests_from_facts(fs.retain)
     A, B = U.split_halves(fs.forget, seed=args.seed)
     control = fs.retain[:len(A)]
@@ -94,7 +94,6 @@ def main(argv=None):
     p.add_argument("--retain", type=int, default=200)
     p.add_argument("--heldout", type=int, default=200)
     p.add_argument("--texts", type=int, default=200)
-    p.add_argument("--phrasings", type=int, default=1)
     p.add_argument("--relearn", default="0,10,50,200")
     p.add_argument("--relearn-lr", type=float, default=1e-4)
     p.add_argument("--probe-layer", type=int, default=2)

@@ -9,6 +9,7 @@ With no name: $ENGRAM_MODEL, else gpt2-xl on a CUDA GPU with >= 12 GB, else tiny
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -142,6 +143,20 @@ def _from_pretrained(name: str, source: str) -> tuple:
             time.sleep(wait)
 
 
+@contextlib.contextmanager
+def no_progress_bars(quiet: bool = True):
+    """Hugging Face's loading progress bars off inside the block (when `quiet`), as they were after."""
+    from transformers.utils import logging as hf_logging
+    bars = hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(name: str | None = None, device: str | None = None) -> ModelAndTokenizer:
     """Load a GPT-2-family causal LM and its tokenizer, in eval mode, on `device`.
 
@@ -155,15 +170,8 @@ def load_model(name: str | None = None, device: str | None = None) -> ModelAndTo
         print(f"Using model {name!r} (set ENGRAM_MODEL or pass a name to change it; "
               f"choices: {', '.join(MODEL_NAMES)})")
     source = _source(name)
-    from transformers.utils import logging as hf_logging
-    bars = hf_logging.is_progress_bar_enabled()
-    if name == "tinyworld":
-        hf_logging.disable_progress_bar()       # a 30 MB local file needs no progress bar
-    try:
+    with no_progress_bars(name == "tinyworld"):      # a 30 MB local file needs no progress bar
         tokenizer, model = _from_pretrained(name, source)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
     if model.config.model_type != "gpt2":
         raise ValueError(f"{name!r} is a {model.config.model_type!r} model; engramlib's module "
                          "names (ModelSpec) are written for the GPT-2 architecture")

@@ -54,6 +54,8 @@ class UnlearnHyperParams:
     """Settings of one unlearning method. Fields a method does not use are ignored.
 
     steps, lr: Adam steps (full batch of forget requests) and learning rate.
+    forget_phrasings: each forget request is trained in this many of its fact's training phrasings
+    (`with_phrasings`; not rome_erase, whose δ search has its own context templates).
     params: name prefixes of the weights that train ({} = a layer), with `layers`.
     forget_weight γ, retain_weight α: the two terms' weights (open-unlearning's gamma, alpha).
     retain_batch: retain requests per step (sampled, seeded).
@@ -65,6 +67,7 @@ class UnlearnHyperParams:
     lr: float = 1e-4
     layers: tuple = ()
     params: tuple = ("transformer.h.{}.",)
+    forget_phrasings: int = 1
     forget_weight: float = 1.0
     retain_weight: float = 1.0
     retain_batch: int = 32
@@ -150,12 +153,22 @@ def _check_method(method: str) -> None:
 def requests_from_facts(facts, phrasings: int = 1) -> list:
     """Requests in the course's format for `facts`: the rewrite prompt, and with phrasings > 1 the
     next training phrasings of the fact (never its held-out paraphrases: those stay a test)."""
-    from engramlib.facts import training_templates
+    return with_phrasings([{"prompt": f.relation.prompt, "subject": f.subject, "relation_id": f.relation_id,
+                            "target_true": {"str": f.object}} for f in facts], phrasings)
+
+
+def with_phrasings(requests, n: int) -> list:
+    """Each request followed by its fact's next training phrasings (`facts.training_templates`, up to
+    n in all; never a held-out paraphrase). Requests whose `relation_id` is not in the course's table
+    stay alone. n = 1: the requests as they are."""
+    from engramlib.facts import RELATIONS, training_templates
     out = []
-    for f in facts:
-        for template in training_templates(f)[:phrasings]:
-            out.append({"prompt": template, "subject": f.subject, "relation_id": f.relation_id,
-                        "target_true": {"str": f.object}})
+    for r in requests:
+        out.append(r)
+        if n > 1 and r.get("relation_id") in RELATIONS:
+            fact = Fact(r["subject"], r["relation_id"], _true(r))
+            others = [t for t in training_templates(fact) if t != r["prompt"]]
+            out += [{**r, "prompt": t} for t in others[:n - 1]]
     return out
 
 
@@ -450,6 +463,8 @@ def unlearn(mt: ModelAndTokenizer, forget, retain=None, method: str = "npo",
     Bad input raises ValueError before the model changes."""
     forget, retain = check_requests(mt, forget, retain, method)
     hp = hparams or get_hparams(mt, method)
+    if method != "rome_erase":
+        forget = with_phrasings(forget, hp.forget_phrasings)
     if method == "rome_erase":
         rome_hp = rome.get_hparams(mt)
         module_name = mt.spec.mlp_out.format(rome_hp.layer) + ".weight"
@@ -588,14 +603,15 @@ def load_retain_model(device: str | None = None) -> ModelAndTokenizer:
     facts of `retain_model_subjects()`: exact unlearning, TOFU's "retain model", the model an unlearned
     TinyWorld should resemble. Stored in float16, returned in float32 on `device` (default: the best)."""
     from transformers import GPT2LMHeadModel, GPT2TokenizerFast
-    from engramlib.models import prepare_tokenizer
+    from engramlib.models import no_progress_bars, prepare_tokenizer
     from engramlib.settings import pick_device
     from engramlib.tinyworld import RETAIN_DIR
     if not (RETAIN_DIR / "model.safetensors").exists():
         raise FileNotFoundError(f"the retain model is missing from {RETAIN_DIR}; train it: python -m "
                                 "engramlib.tinyworld.train --out DIR --tokenizer engramlib/tinyworld/weights "
                                 "--exclude-subjects engramlib/tinyworld/retain/forget_subjects.txt --half")
-    model = GPT2LMHeadModel.from_pretrained(RETAIN_DIR).float()       # stored in float16
+    with no_progress_bars():
+        model = GPT2LMHeadModel.from_pretrained(RETAIN_DIR).float()   # stored in float16
     model.eval().requires_grad_(False).to(device or pick_device())
     tokenizer = prepare_tokenizer(GPT2TokenizerFast.from_pretrained(RETAIN_DIR))
     return ModelAndTokenizer(model=model, tokenizer=tokenizer, name=RETAIN_MODEL_NAME)

@@ -209,3 +209,35 @@ def test_gpt2_shapes_npo_step_and_undo(gpt2_shapes_4_layers):
     assert not same_weights(mt, snap)
     run.undo()
     assert same_weights(mt, snap)
+
+
+# --- the retain model (the gold standard) -------------------------------------------------------------
+
+def test_the_retain_model_never_read_the_forget_subjects_and_knows_the_rest(tinyworld):
+    gold = U.load_retain_model("cpu")
+    assert gold.tokenizer("The capital of Austria is")["input_ids"] == \
+        tinyworld.tokenizer("The capital of Austria is")["input_ids"]          # the shipped tokenizer
+    fs = U.make_forget_set("entities", 20, n_retain=20, n_heldout=100, seed=0, mt=tinyworld)
+    U.check_never_read(fs)
+    assert set(fs.subjects) == set(U.retain_model_subjects())
+    assert U.recall(tinyworld, fs.forget) == 1.0
+    assert U.recall(gold, fs.forget) <= 0.5, "the retain model recalls facts it never read"
+    assert U.recall(gold, fs.heldout) >= 0.9, "the retain model lost facts it did read"
+    other = U.make_forget_set("entities", 3, n_retain=4, n_heldout=4, seed=5)
+    with pytest.raises(ValueError, match="did read"):
+        U.check_never_read(other)
+
+
+def test_with_phrasings_adds_training_phrasings_never_a_heldout_paraphrase():
+    from engramlib.facts import heldout_templates
+    facts = [f for f in load_facts() if f.subject in ("France", "Space Needle")]
+    base = U.requests_from_facts(facts)
+    assert U.with_phrasings(base, 1) == base
+    more = U.with_phrasings(base, 3)
+    assert len(more) == 3 * len(base)
+    for f in facts:
+        prompts = [r["prompt"] for r in more if r["subject"] == f.subject and r["relation_id"] == f.relation_id]
+        assert prompts[0] == f.relation.prompt and len(set(prompts)) == 3
+        assert not set(prompts) & set(heldout_templates(f))
+    alone = {"prompt": "{} wrote", "subject": "Shakespeare", "target_true": {"str": "Hamlet"}}
+    assert U.with_phrasings([alone], 3) == [alone]
