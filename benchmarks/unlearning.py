@@ -103,13 +103,19 @@ def main(argv=None):
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--no-retain-model", action="store_true",
                    help="skip the row of the TinyWorld trained without the forget subjects (entities, seed 0)")
+    p.add_argument("--table-from", nargs="+", metavar="JSON",
+                   help="print the table of rows saved with --json (e.g. one run per kind, in parallel) and stop")
     args = p.parse_args(argv)
+    steps = [int(s) for s in args.relearn.split(",")]
+    if args.table_from:
+        rows = [row for path in args.table_from for row in json.load(open(path))]
+        print(table(rows, rows[0]["relearn"]["steps"] if "relearn" in rows[0] else steps))
+        return
     torch.set_num_threads(args.threads)
     mt = load_model(args.model, device="cpu")
     rows = []
     for kind in args.kinds.split(","):
         rows += run_kind(mt, kind, args)
-    steps = [int(s) for s in args.relearn.split(",")]
     print(f"\n{mt.name}, {args.subjects} subjects per kind, seed {args.seed} (recall in %, top-1 first token; "
           "B@k: recall of half B after k fine-tuning steps on half A; ctrl: on unrelated facts; never: B's "
           "counterfactual objects)\n")

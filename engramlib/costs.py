@@ -216,7 +216,7 @@ FULL_SIZES = {
     "08": {"records": 100, "sequential": 40, "c_texts": 2000},
     "09": {"records": 100, "texts": 300, "every": 10, "c_texts": 2000},
     "10": {"sweep_facts": 100, "layers": 48, "edits": 40, "neuron_facts": 20, "c_texts": 2000},  # 48: every layer
-    "11": {"forget_subjects": 20, "unlearn_steps": 500, "relearn_steps": 2000},   # 5 methods × 2 kinds × 50; curves
+    "11": {"forget_subjects": 20, "unlearn_steps": 500, "relearn_steps": 2000},   # 2 kinds × ~255 full-depth steps; curves
 }
 SCALABLE = {"05": ("kn_facts", "lens_facts"), "06": ("facts",), "08": ("records", "sequential"),
             "09": ("records", "texts"), "10": ("layers", "sweep_facts", "edits", "neuron_facts"),
@@ -350,8 +350,10 @@ def chapter_work(chapter: str, name: str, s: Shape, z: dict) -> list:
                   .times(z["neuron_facts"], "knowledge-neuron interventions"),
                   Work("weights kept for the final check", keep_host=L * s.c_proj_bytes)]
         return steps
-    if chapter == "11":       # forget batches of ~2.5 facts per subject plus as many retain facts
-        rows = 5 * z["forget_subjects"]
+    if chapter == "11":       # NPO (100 steps) and RMU (200 steps through 3 of 8 blocks) dominate; each forget
+        # fact in 5 phrasings (2.7 facts a subject for entities, 1 for facts: 9 rows a subject on average) plus
+        # 64-128 retain rows a step (5 a subject at 20 subjects): 14 rows a subject
+        rows = 14 * z["forget_subjects"]
         return [finetune_work(s, "unlearning steps (Adam)", z["unlearn_steps"], rows, 12,
                               trained_params=s.n_layer * s.block_params),
                 finetune_work(s, "relearning curves", z["relearn_steps"], 20, 12,
