@@ -74,7 +74,7 @@ class UnlearnHyperParams:
     beta: float = 0.1
     rmu_layer: int = 2
     steering_coeff: float = 20.0
-    rmu_positions: str = "after_subject"            # or "from_subject", "prompt" (`_prompt_mask`)
+    rmu_positions: str = "after_subject"            # or "from_subject", "prompt", "last" (`_prompt_mask`)
     erase_steps: int = 20
     erase_kl_factor: float = 0.0625
     erase_context_lengths: tuple | None = None      # templates of the δ search; None: ROME's own
@@ -111,7 +111,11 @@ def _tinyworld_hparams() -> dict:
                    "phrasings, 200 steps at lr 5e-3, tuned at 20 subjects (benchmarks/unlearning.py). "
                    "It misses the bar: entities 2 % / 6 % / 88.5 % (trained prompts / paraphrases / held-out; "
                    "lr 1e-2, 100 steps, 3 phrasings: 11 % / 11 % / 91 %); one fact of a subject is not "
-                   "forgotten without damage by any setting tried (best 25 % / 12.5 % / 69.5 %)"),
+                   "forgotten without damage by these positions (best 25 % / 12.5 % / 69.5 %). Scrambling "
+                   "only the prompt's last token (rmu_positions='last') comes within a few paraphrases of the "
+                   "bar on both kinds, not on both at once: 5 phrasings, facts 0 % / 7.5 % / 94 %, entities "
+                   "0 % / 11 % / 91 %; 7 phrasings, entities 0 % / 8 % / 91 %, facts 0 % / 15 % / 95 % (and "
+                   "then fine-tuning on half A brings half B back to 100 % in 10 steps: it hides)"),
         "rome_erase": UnlearnHyperParams(
             erase_steps=40, erase_kl_factor=0.0625, erase_context_lengths=((5, 5),),
             source="ROME's registered TinyWorld settings (rome.HPARAMS) with the erasing target; the δ "
@@ -364,14 +368,15 @@ def _logits(mt, batch):
 def _prompt_mask(mt, requests, batch, where: str = "after_subject") -> torch.Tensor:
     """[n, T] bool: the prompt tokens RMU acts on. "after_subject": from the last subject token to
     the prompt's last token (what the model reads to recall the object); "from_subject": from the
-    first subject token to the end; "prompt": every prompt token."""
+    first subject token to the end; "prompt": every prompt token; "last": the prompt's last token only
+    (where subject and relation meet)."""
     ids, mask, labels = batch
     out = torch.zeros_like(mask, dtype=torch.bool)
     for i, r in enumerate(requests):
         text = _filled(r)
         n = len(mt.tokenizer(text)["input_ids"])
         start, end = find_subject_range(mt.tokenizer, text, r["subject"], occurrence=0)
-        first = {"after_subject": end - 1, "from_subject": start, "prompt": 0}[where]
+        first = {"after_subject": end - 1, "from_subject": start, "prompt": 0, "last": n - 1}[where]
         out[i, first:n] = True
     return out
 

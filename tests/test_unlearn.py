@@ -241,3 +241,17 @@ def test_with_phrasings_adds_training_phrasings_never_a_heldout_paraphrase():
         assert not set(prompts) & set(heldout_templates(f))
     alone = {"prompt": "{} wrote", "subject": "Shakespeare", "target_true": {"str": "Hamlet"}}
     assert U.with_phrasings([alone], 3) == [alone]
+
+
+def test_rmu_position_masks(tinyworld):
+    requests = U.requests_from_facts([f for f in load_facts() if f.subject == "Space Needle"][:1])
+    batch = U._encode(tinyworld, requests)
+    text = U._filled(requests[0])
+    n = len(tinyworld.tokenizer(text)["input_ids"])
+    start, end = U.find_subject_range(tinyworld.tokenizer, text, "Space Needle")
+    masks = {w: U._prompt_mask(tinyworld, requests, batch, w)[0].nonzero().flatten().tolist()
+             for w in ("after_subject", "from_subject", "prompt", "last")}
+    assert masks["last"] == [n - 1]
+    assert masks["after_subject"] == list(range(end - 1, n))
+    assert masks["from_subject"] == list(range(start, n))
+    assert masks["prompt"] == list(range(n))
