@@ -170,7 +170,7 @@ def load_model(name: str | None = None, device: str | None = None) -> ModelAndTo
         print(f"Using model {name!r} (set ENGRAM_MODEL or pass a name to change it; "
               f"choices: {', '.join(MODEL_NAMES)})")
     source = _source(name)
-    with no_progress_bars(name == "tinyworld"):      # a 30 MB local file needs no progress bar
+    with no_progress_bars(name not in HUB_MODELS):   # a local file needs no progress bar
         tokenizer, model = _from_pretrained(name, source)
     if model.config.model_type != "gpt2":
         raise ValueError(f"{name!r} is a {model.config.model_type!r} model; engramlib's module "

@@ -638,7 +638,8 @@ def compute_v_star(mt: ModelAndTokenizer, request: dict, layer: int, hparams: RO
     prompts = [_fill(t, request) for t in templates] + [f"{subject} is a"]
     n_rw = len(templates)
     ids, mask, labels = encode_with_targets(mt, prompts, ([None] if erase else [target]) * n_rw + [None])
-    last, true_id = mask.sum(1)[:n_rw] - 1, first_token_id(mt, target)        # ("erase")
+    if erase:                        # the templates' last tokens, and the true object's first token
+        last, true_id = mask.sum(1)[:n_rw] - 1, first_token_id(mt, target)
     lookup = torch.tensor([_last_subject_index(mt, p, subject) for p in prompts], device=mt.device)
     rows = torch.arange(len(prompts), device=mt.device)
 

@@ -615,19 +615,15 @@ def load_retain_model(device: str | None = None) -> ModelAndTokenizer:
     """TinyWorld trained by the same recipe (corpus seed, steps, tokenizer) on a corpus without the
     facts of `retain_model_subjects()`: exact unlearning, TOFU's "retain model", the model an unlearned
     TinyWorld should resemble. Stored in float16, returned in float32 on `device` (default: the best)."""
-    from transformers import GPT2LMHeadModel, GPT2TokenizerFast
-    from engramlib.models import no_progress_bars, prepare_tokenizer
-    from engramlib.settings import pick_device
+    from engramlib.models import load_model
     from engramlib.tinyworld import RETAIN_DIR
     if not (RETAIN_DIR / "model.safetensors").exists():
         raise FileNotFoundError(f"the retain model is missing from {RETAIN_DIR}; train it: python -m "
                                 "engramlib.tinyworld.train --out DIR --tokenizer engramlib/tinyworld/weights "
                                 "--exclude-subjects engramlib/tinyworld/retain/forget_subjects.txt --half")
-    with no_progress_bars():
-        model = GPT2LMHeadModel.from_pretrained(RETAIN_DIR).float()   # stored in float16
-    model.eval().requires_grad_(False).to(device or pick_device())
-    tokenizer = prepare_tokenizer(GPT2TokenizerFast.from_pretrained(RETAIN_DIR))
-    return ModelAndTokenizer(model=model, tokenizer=tokenizer, name=RETAIN_MODEL_NAME)
+    mt = load_model(str(RETAIN_DIR), device)
+    mt.model.float()                                  # stored in float16
+    return replace(mt, name=RETAIN_MODEL_NAME)
 
 
 def check_never_read(fs: "ForgetSet") -> None:

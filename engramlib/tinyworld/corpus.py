@@ -103,9 +103,9 @@ def generate_corpus(n_rows: int, seed: int = 0, exclude_subjects=()) -> list:
     exclude_subjects: subjects whose facts never appear (the text a model that never knew them
     reads: chapter 11's gold standard for unlearning)."""
     rng = random.Random(seed)
-    excluded = set(exclude_subjects)
-    facts = [f for f in load_facts() if f.subject not in excluded]
-    unknown = excluded - {f.subject for f in load_facts()}
+    excluded, table = set(exclude_subjects), load_facts()
+    facts = [f for f in table if f.subject not in excluded]
+    unknown = excluded - {f.subject for f in table}
     if unknown:
         raise ValueError(f"subjects not in the fact table: {sorted(unknown)}")
     by_subject = {}
