@@ -44,10 +44,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-from build_chapters import EXERCISE_HEADING, MARKER, cell_source  # noqa: E402
+from build_chapters import EXERCISE_HEADING, MARKER, MODEL_ANSWER, cell_source  # noqa: E402
 
-MODEL_ANSWER = re.compile(r"<details>\s*<summary>[^<]*model answer[^<]*</summary>(.*?)</details>[ \t]*\n?",
-                          re.IGNORECASE | re.DOTALL)
 THINK_POINTS = 2
 HIDDEN_BEGIN, HIDDEN_END = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
 

@@ -45,12 +45,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-from build_chapters import GITHUB_REPO, MARKER, cell_source, strip_solutions, EXERCISE_HEADING  # noqa: E402
+from build_chapters import GITHUB_REPO, MARKER, MODEL_ANSWER, cell_source, strip_solutions, EXERCISE_HEADING  # noqa: E402
 
 BADGE = re.compile(r"\[!\[Open In Colab\]\([^)]*\)\]\(([^)]*)\)")
 CHAPTER_LINK = re.compile(r"\[([^\]]*)\]\((?:\.\./)?(?:chapters|solutions)/([0-9]{2}_[a-z0-9_]+)\.ipynb\)")
-MODEL_ANSWER = re.compile(r"\n?<details>\s*<summary>[^<]*model answer[^<]*</summary>.*?</details>[ \t]*\n?",
-                          re.IGNORECASE | re.DOTALL)
+MODEL_ANSWER_BLOCK = re.compile(r"\n?" + MODEL_ANSWER.pattern, MODEL_ANSWER.flags)   # with the line before
 RELATIVE_LINK = re.compile(r"\]\((?!https?:|mailto:|#)([^)\s#]+)(#[^)\s]*)?\)")
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 PROGRESS_BAR = re.compile(r"\d+%\|")
@@ -178,7 +177,7 @@ def page_notebook(nb: dict, solutions: bool, pages: set = frozenset()) -> dict:
             exercise = found[-1].strip() if found else exercise
             source = chapter_links(source, {Path(p).stem for p in pages})
             source = repository_links(source, ROOT / "solutions", set(pages))
-            cell["source"] = MODEL_ANSWER.sub("\n", source) if not solutions else source
+            cell["source"] = MODEL_ANSWER_BLOCK.sub("\n", source) if not solutions else source
         elif cell["cell_type"] == "code":
             if is_exercise_cell(cell):
                 if solutions:     # the answer, folded away; the check's output stays in view

@@ -40,6 +40,9 @@ BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 # one pattern both finds the cells to strip and strips them, so no marker can be found but kept
 MARKER = re.compile(r"^([ \t]*)### (BEGIN|END) SOLUTION\b.*$", re.MULTILINE)
 EXERCISE_HEADING = re.compile(r"^#{2,4}\s*(Exercise\s+\d+\.\d+\s*:[^\n]*)", re.MULTILINE)
+# a Think question's model answer, folded: <details><summary>A model answer</summary>(the answer)</details>
+MODEL_ANSWER = re.compile(r"<details>\s*<summary>[^<]*model answer[^<]*</summary>(.*?)</details>[ \t]*\n?",
+                          re.IGNORECASE | re.DOTALL)
 BADGE_TAG = "colab-badge"
 
 # The first code cell of every notebook, verbatim (a test checks it). It installs engramlib only
