@@ -56,6 +56,8 @@ class UnlearnHyperParams:
     steps, lr: Adam steps (full batch of forget requests) and learning rate.
     forget_phrasings: each forget request is trained in this many of its fact's training phrasings
     (`with_phrasings`; not rome_erase, whose δ search has its own context templates).
+    retain_phrasings: the same for the retain requests (so that what tells a forget prompt from a
+    retain prompt is the subject, not the phrasing).
     params: name prefixes of the weights that train ({} = a layer), with `layers`.
     forget_weight γ, retain_weight α: the two terms' weights (open-unlearning's gamma, alpha).
     retain_batch: retain requests per step (sampled, seeded).
@@ -68,6 +70,7 @@ class UnlearnHyperParams:
     layers: tuple = ()
     params: tuple = ("transformer.h.{}.",)
     forget_phrasings: int = 1
+    retain_phrasings: int = 1
     forget_weight: float = 1.0
     retain_weight: float = 1.0
     retain_batch: int = 32
@@ -102,20 +105,21 @@ def _tinyworld_hparams() -> dict:
                    "forgets half), 100 steps at lr 2e-4, 64 retain facts a step. Entities 0 % / 9 % / 90 %, "
                    "facts 0 % / 2.5 % / 96 %: for whole subjects the held-out facts sit at the bar, not above it"),
         "rmu": UnlearnHyperParams(
-            steps=200, lr=5e-3, layers=(0, 1, 2), params=("transformer.h.{}.mlp.c_proj.",),
-            rmu_layer=2, steering_coeff=200.0, retain_weight=100.0, retain_batch=128, forget_phrasings=5,
-            source="WMDP/open-unlearning: layer ℓ's activations, MLP output weights of ℓ-2..ℓ trained; "
-                   "ℓ = 2, just above TinyWorld's fact layers 0-1 (chapter 06). c = 200, about 11x the "
-                   "residual norm there (18.5; WMDP's c = 20 is about TinyWorld's norm and moved nothing); "
-                   "α = 100 (200: paraphrases 24 %), 128 retain facts a step, each fact in 5 training "
-                   "phrasings, 200 steps at lr 5e-3, tuned at 20 subjects (benchmarks/unlearning.py). "
-                   "It misses the bar: entities 2 % / 6 % / 88.5 % (trained prompts / paraphrases / held-out; "
-                   "lr 1e-2, 100 steps, 3 phrasings: 11 % / 11 % / 91 %); one fact of a subject is not "
-                   "forgotten without damage by these positions (best 25 % / 12.5 % / 69.5 %). Scrambling "
-                   "only the prompt's last token (rmu_positions='last') comes within a few paraphrases of the "
-                   "bar on both kinds, not on both at once: 5 phrasings, facts 0 % / 7.5 % / 94 %, entities "
-                   "0 % / 11 % / 91 %; 7 phrasings, entities 0 % / 8 % / 91 %, facts 0 % / 15 % / 95 % (and "
-                   "then fine-tuning on half A brings half B back to 100 % in 10 steps: it hides)"),
+            steps=200, lr=5e-3, layers=(0, 1, 2), params=("transformer.h.{}.mlp.",), rmu_layer=2,
+            steering_coeff=200.0, rmu_positions="last", retain_weight=100.0, retain_batch=128,
+            forget_phrasings=5, retain_phrasings=5,
+            source="WMDP/open-unlearning: layer ℓ's activations, the MLPs of ℓ-2..ℓ trained; ℓ = 2, just "
+                   "above TinyWorld's fact layers 0-1 (chapter 06). c = 200, about 11x the residual norm there "
+                   "(18.5; WMDP's c = 20 is about TinyWorld's norm and moved nothing; 100: paraphrases 23 %); "
+                   "α = 100, 128 retain prompts a step, 200 steps at lr 5e-3. Tuned at 20 subjects per kind "
+                   "(benchmarks/unlearning.py). Three changes from WMDP's recipe got both kinds over the bar: "
+                   "scramble only the prompt's last token, where subject and relation meet (from the last "
+                   "subject token on, one fact of a subject was not forgotten without wrecking the rest: "
+                   "25 % / 12.5 % / 69.5 %, trained prompts / paraphrases / held-out); train the whole MLPs, "
+                   "not only their output weights (paraphrases 11 % → 1 %); each forget AND retain fact in 5 "
+                   "training phrasings (retain in 1: held-out 87-89.5 % for whole subjects; in 3: 90 %). Result: "
+                   "entities 0 % / 0 % / 95 %, facts 0 % / 2.5 % / 97 %; there the subjects' other facts "
+                   "fall to 9 %"),
         "rome_erase": UnlearnHyperParams(
             erase_steps=40, erase_kl_factor=0.0625, erase_context_lengths=((5, 5),),
             source="ROME's registered TinyWorld settings (rome.HPARAMS) with the erasing target; the δ "
@@ -478,6 +482,7 @@ def unlearn(mt: ModelAndTokenizer, forget, retain=None, method: str = "npo",
     hp = hparams or get_hparams(mt, method)
     if method != "rome_erase":
         forget = with_phrasings(forget, hp.forget_phrasings)
+        retain = with_phrasings(retain, hp.retain_phrasings)
     if method == "rome_erase":
         rome_hp = rome.get_hparams(mt)
         module_name = mt.spec.mlp_out.format(rome_hp.layer) + ".weight"

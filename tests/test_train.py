@@ -45,6 +45,9 @@ def test_gold_standard_options_reach_train(calls, tmp_path):
     _, kwargs = calls[0]
     assert kwargs["tokenizer_dir"] == WEIGHTS_DIR and kwargs["half"]
     assert kwargs["exclude_subjects"] == ["Spain", "Qatar"]
+    assert kwargs["seed"] == 0, "the shipped models' seed unless asked"
+    T.main(["--out", str(tmp_path / "m1"), "--steps", "3", "--threads", "1", "--seed", "1"])
+    assert calls[1][1]["seed"] == 1
 
 
 def test_a_reused_tokenizer_gives_the_shipped_token_ids(tmp_path):

@@ -255,3 +255,19 @@ def test_rmu_position_masks(tinyworld):
     assert masks["after_subject"] == list(range(end - 1, n))
     assert masks["from_subject"] == list(range(start, n))
     assert masks["prompt"] == list(range(n))
+
+
+@pytest.mark.parametrize("method", ["npo", "rmu"])
+def test_each_method_trains_the_phrasings_its_hparams_ask_for(tinyworld, small_set, monkeypatch, method):
+    from dataclasses import replace
+    seen = {}
+
+    def record(mt, forget, retain, *args):
+        seen["forget"], seen["retain"] = forget, retain
+    monkeypatch.setattr(U, "_rmu" if method == "rmu" else "_gradient_method", record)
+    forget = U.requests_from_facts(small_set.forget)
+    retain = U.requests_from_facts(small_set.retain)
+    hp = replace(U.get_hparams(tinyworld, method), forget_phrasings=2, retain_phrasings=3)
+    U.unlearn(tinyworld, forget, retain, method=method, hparams=hp, progress=False)
+    assert seen["forget"] == U.with_phrasings(forget, 2)
+    assert seen["retain"] == U.with_phrasings(retain, 3), "the retain set in its training phrasings"

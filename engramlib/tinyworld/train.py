@@ -10,7 +10,8 @@ and save model + tokenizer as safetensors into `--out`. Writing into the package
 Chapter 11's gold standard ("a model that never knew"): `--tokenizer DIR` reuses a trained tokenizer
 (the shipped one: the same token ids, so the two models can be compared prompt by prompt) and
 `--exclude-subjects FILE` (one subject per line) leaves those subjects' facts out of the corpus;
-`--half` saves the weights in float16 (half the size; load them with `.float()`).
+`--half` saves the weights in float16 (half the size; load them with `.float()`). `--seed N` trains
+the same recipe from another seed (corpus order and initial weights), for the seed-to-seed spread.
 """
 from __future__ import annotations
 
@@ -154,6 +155,8 @@ def main(argv=None):
     parser.add_argument("--exclude-subjects", type=Path, default=None,
                         help="a text file, one subject per line: their facts are left out of the corpus")
     parser.add_argument("--half", action="store_true", help="save the weights in float16")
+    parser.add_argument("--seed", type=int, default=TRAIN["seed"],
+                        help="seeds the corpus and the initial weights (0: the shipped models' seed)")
     args = parser.parse_args(argv)
     if args.out.resolve() == WEIGHTS_DIR.resolve() and not args.overwrite_shipped:
         parser.error(f"--out {args.out} is the package's shipped weights, which every chapter "
@@ -162,7 +165,7 @@ def main(argv=None):
     excluded = ([line.strip() for line in args.exclude_subjects.read_text(encoding="utf-8").splitlines()
                  if line.strip()] if args.exclude_subjects else [])
     stats = train(args.out, tokenizer_dir=args.tokenizer, exclude_subjects=excluded, half=args.half,
-                  steps=args.steps, n_layer=args.n_layer)
+                  steps=args.steps, n_layer=args.n_layer, seed=args.seed)
     print(json.dumps({k: stats[k] for k in ("final_loss", "train_seconds", "n_parameters")}))
 
 
