@@ -4,6 +4,7 @@ linear probe, the direction attack), for both kinds of forget set.
 
     python benchmarks/unlearning.py                        # full size: 20 subjects per kind
     python benchmarks/unlearning.py --subjects 6 --relearn 0,10 --methods npo,rmu   # quicker
+    python benchmarks/unlearning.py --kinds entities --methods "" --retain-model DIR  # another retain model only
 
 Chapter 11 quotes the full-size table. Each run is undone before the next (`UnlearnRun.undo`).
 """
@@ -39,7 +40,7 @@ def run_kind(mt, kind: str, args) -> list:
           flush=True)
     if kind == "entities" and args.seed == 0 and not args.no_retain_model:
         rows.append(retain_model_row(fs, texts, A, B, control, probe_train, steps, args))
-    for method in args.methods.split(","):
+    for method in [m for m in args.methods.split(",") if m]:
         start = time.perf_counter()
         run = U.unlearn(mt, forget, retain, method=method, progress=False, seed=args.seed)
         row = {"kind": kind, "method": method, "seconds": time.perf_counter() - start, **U.report(mt, fs, texts)}
@@ -55,7 +56,7 @@ def run_kind(mt, kind: str, args) -> list:
 def retain_model_row(fs, texts, A, B, control, probe_train, steps, args) -> dict:
     """The gold standard: the TinyWorld trained without these subjects, measured like the others."""
     U.check_never_read(fs)
-    gold = U.load_retain_model(device="cpu")
+    gold = U.load_retain_model(device="cpu", folder=args.retain_model)
     row = {"kind": fs.kind, "method": "never knew (retain model)", **U.report(gold, fs, texts),
            "probe": U.probe_accuracy(gold, probe_train, fs.forget, args.probe_layer),
            "relearn": U.relearning_curve(gold, A, B, steps, control=control, lr=args.relearn_lr)}
@@ -103,6 +104,8 @@ def main(argv=None):
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--no-retain-model", action="store_true",
                    help="skip the row of the TinyWorld trained without the forget subjects (entities, seed 0)")
+    p.add_argument("--retain-model", metavar="DIR",
+                   help="another retain model (e.g. trained with --seed 1) in place of the shipped one")
     p.add_argument("--table-from", nargs="+", metavar="JSON",
                    help="print the table of rows saved with --json (e.g. one run per kind, in parallel) and stop")
     args = p.parse_args(argv)

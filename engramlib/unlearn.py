@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import random
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -616,17 +617,20 @@ def retain_model_subjects() -> list:
             if line.strip()]
 
 
-def load_retain_model(device: str | None = None) -> ModelAndTokenizer:
+def load_retain_model(device: str | None = None, folder=None) -> ModelAndTokenizer:
     """TinyWorld trained by the same recipe (corpus seed, steps, tokenizer) on a corpus without the
     facts of `retain_model_subjects()`: exact unlearning, TOFU's "retain model", the model an unlearned
-    TinyWorld should resemble. Stored in float16, returned in float32 on `device` (default: the best)."""
+    TinyWorld should resemble. Stored in float16, returned in float32 on `device` (default: the best).
+    folder: another such model (e.g. one trained with `--seed 1`, for the seed-to-seed spread); default
+    the shipped one."""
     from engramlib.models import load_model
     from engramlib.tinyworld import RETAIN_DIR
-    if not (RETAIN_DIR / "model.safetensors").exists():
-        raise FileNotFoundError(f"the retain model is missing from {RETAIN_DIR}; train it: python -m "
+    folder = Path(folder or RETAIN_DIR)
+    if not (folder / "model.safetensors").exists():
+        raise FileNotFoundError(f"the retain model is missing from {folder}; train it: python -m "
                                 "engramlib.tinyworld.train --out DIR --tokenizer engramlib/tinyworld/weights "
                                 "--exclude-subjects engramlib/tinyworld/retain/forget_subjects.txt --half")
-    mt = load_model(str(RETAIN_DIR), device)
+    mt = load_model(str(folder), device)
     mt.model.float()                                  # stored in float16
     return replace(mt, name=RETAIN_MODEL_NAME)
 

@@ -228,6 +228,17 @@ def test_the_retain_model_never_read_the_forget_subjects_and_knows_the_rest(tiny
         U.check_never_read(other)
 
 
+def test_another_retain_model_loads_from_its_folder_and_a_missing_one_says_how_to_train_it(tmp_path):
+    import shutil
+    from engramlib.tinyworld import RETAIN_DIR
+    with pytest.raises(FileNotFoundError, match=f"missing from {tmp_path}.*--exclude-subjects"):
+        U.load_retain_model("cpu", folder=tmp_path)
+    for f in RETAIN_DIR.iterdir():
+        shutil.copy(f, tmp_path)
+    gold = U.load_retain_model("cpu", folder=tmp_path)
+    assert gold.name == U.RETAIN_MODEL_NAME and next(gold.model.parameters()).dtype == torch.float32
+
+
 def test_with_phrasings_adds_training_phrasings_never_a_heldout_paraphrase():
     from engramlib.facts import heldout_templates
     facts = [f for f in load_facts() if f.subject in ("France", "Space Needle")]
