@@ -104,7 +104,8 @@ def _tinyworld_hparams() -> dict:
                    "held-out facts), each fact "
                    "in 5 training phrasings (1: paraphrases 19 %; 3: 13 %), α = 3 (open-unlearning: 1; 10: "
                    "forgets half), 100 steps at lr 2e-4, 64 retain facts a step. Entities 0 % / 9 % / 90 %, "
-                   "facts 0 % / 2.5 % / 96 %: for whole subjects the held-out facts sit at the bar, not above it"),
+                   "facts 0 % / 2.5 % / 96 %: for whole subjects the held-out facts sit at the bar, not above it. "
+                   "On another forget set (seed 1) facts' paraphrases stay at 15 %"),
         "rmu": UnlearnHyperParams(
             steps=200, lr=5e-3, layers=(0, 1, 2), params=("transformer.h.{}.mlp.",), rmu_layer=2,
             steering_coeff=200.0, rmu_positions="last", retain_weight=100.0, retain_batch=128,
@@ -120,7 +121,7 @@ def _tinyworld_hparams() -> dict:
                    "not only their output weights (paraphrases 11 % → 1 %); each forget AND retain fact in 5 "
                    "training phrasings (retain in 1: held-out 87-89.5 % for whole subjects; in 3: 90 %). Result: "
                    "entities 0 % / 0 % / 95 %, facts 0 % / 2.5 % / 97 %; there the subjects' other facts "
-                   "fall to 9 %"),
+                   "fall to 9 %. On another forget set (seed 1) entities' paraphrases stay at 19 %"),
         "rome_erase": UnlearnHyperParams(
             erase_steps=40, erase_kl_factor=0.0625, erase_context_lengths=((5, 5),),
             source="ROME's registered TinyWorld settings (rome.HPARAMS) with the erasing target; the δ "
