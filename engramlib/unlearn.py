@@ -482,14 +482,13 @@ def unlearn(mt: ModelAndTokenizer, forget, retain=None, method: str = "npo",
     Bad input raises ValueError before the model changes."""
     forget, retain = check_requests(mt, forget, retain, method)
     hp = hparams or get_hparams(mt, method)
-    if method != "rome_erase":
-        forget = with_phrasings(forget, hp.forget_phrasings)
-        retain = with_phrasings(retain, hp.retain_phrasings)
-    if method == "rome_erase":
+    if method == "rome_erase":                # its δ search has its own context templates
         rome_hp = rome.get_hparams(mt)
         module_name = mt.spec.mlp_out.format(rome_hp.layer) + ".weight"
         params = {module_name: dict(mt.model.named_parameters())[module_name]}
     else:
+        forget = with_phrasings(forget, hp.forget_phrasings)
+        retain = with_phrasings(retain, hp.retain_phrasings)
         params = trainable_parameters(mt, hp)
     run = UnlearnRun(mt=mt, method=method, hparams=hp, n_forget=len(forget),
                      original={n: p.detach().clone() for n, p in params.items()})
